@@ -1,0 +1,76 @@
+"""Dense building blocks of the transformer: RMSNorm, rotary attention, SwiGLU MLP.
+
+Shape legend: B batch, S sequence, D model dim, H heads, Dh head dim, F ffn hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: the mean of squares underflows in bf16.
+        x_f = x.float()
+        x_f = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x_f.type_as(x) * self.weight
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_seq_len, head_dim / 2), computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles_SH = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return angles_SH.cos(), angles_SH.sin()
+
+
+def apply_rotary(x_BHSDh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) by the position's angle (GPT-NeoX/LLaMA form)."""
+    x_f = x_BHSDh.float().unflatten(-1, (-1, 2))
+    x0, x1 = x_f[..., 0], x_f[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x_BHSDh)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with rotary positions.
+
+    `wqkv` and `wo` are the column- and row-parallel pair for tensor parallelism (next issue).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        qkv = self.wqkv(x_BSD).view(B, S, 3, self.n_heads, self.head_dim)
+        q_BHSDh, k_BHSDh, v_BHSDh = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q_BHSDh = apply_rotary(q_BHSDh, cos[:S], sin[:S])
+        k_BHSDh = apply_rotary(k_BHSDh, cos[:S], sin[:S])
+        out_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, is_causal=True)
+        return self.wo(out_BHSDh.transpose(1, 2).reshape(B, S, -1))
+
+
+class SwiGLU(nn.Module):
+    """Dense feed-forward: w2(silu(w1 x) * w3 x). Also the reference for one MoE expert."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -1,0 +1,60 @@
+"""Softmax top-k router and its two auxiliary losses.
+
+Shape legend: T tokens (batch x sequence, flattened), D model dim, E experts (global),
+K experts chosen per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    """What one router call decided. The losses are unscaled; the model applies coefficients."""
+
+    topk_idx_TK: torch.Tensor
+    """Global expert id of each token's k choices, best first (int64)."""
+    topk_weight_TK: torch.Tensor
+    """Combine weight of each choice (fp32; renormalised to sum 1 if configured)."""
+    aux_loss: torch.Tensor
+    """Load-balancing loss E * sum_e f_e * P_e: f_e = share of token-slots routed to e
+    (not differentiable), P_e = mean router probability of e. Equals 1.0 when balanced."""
+    z_loss: torch.Tensor
+    """Router z-loss: mean over tokens of logsumexp(logits)^2 (keeps logits small)."""
+    counts_E: torch.Tensor
+    """Token-slots per expert from these tokens (int64, no grad): the expert load."""
+    entropy: torch.Tensor
+    """Mean per-token entropy of the router distribution in nats (no grad)."""
+
+
+class TopKRouter(nn.Module):
+    """Linear scores in fp32, softmax over all experts, then each token's top-k."""
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, renormalize: bool):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        # Scores in fp32 even under bf16 autocast: top-k on rounded logits flips choices.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+        probs_TE = logits_TE.softmax(dim=-1)
+        topk_weight_TK, topk_idx_TK = probs_TE.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            topk_weight_TK = topk_weight_TK / topk_weight_TK.sum(dim=-1, keepdim=True)
+
+        counts_E = torch.bincount(topk_idx_TK.flatten(), minlength=self.num_experts)
+        slots = max(topk_idx_TK.numel(), 1)
+        aux_loss = self.num_experts * torch.sum(counts_E.float() / slots * probs_TE.mean(dim=0))
+        z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+        with torch.no_grad():
+            entropy = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
+        return RouterOutput(topk_idx_TK, topk_weight_TK, aux_loss, z_loss, counts_E, entropy)

@@ -1,0 +1,112 @@
+"""Decoder-only transformer LM whose feed-forward is an MoE layer every n-th block.
+
+Built plainly, as for one device; parallelism is applied afterwards as a transform
+(parallel.expert_parallel). Shape legend: B batch, S sequence, D model dim, V vocabulary,
+L MoE layers, E experts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig, MoEConfig
+from model.layers import Attention, RMSNorm, SwiGLU, rotary_tables
+from model.moe import MoELayer, RouterOutput, build_moe
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """(B, S, V) next-token logits."""
+    loss: torch.Tensor | None
+    """lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss (None without targets)."""
+    lm_loss: torch.Tensor | None
+    """Mean cross-entropy over this rank's tokens."""
+    aux_loss: torch.Tensor
+    """Load-balancing loss, mean over MoE layers, unscaled (1.0 = balanced); 0 without MoE."""
+    z_loss: torch.Tensor
+    """Router z-loss, mean over MoE layers, unscaled."""
+    expert_counts_LE: torch.Tensor
+    """Token-slots per expert per MoE layer from this rank's tokens (int64, no grad)."""
+    router_entropy_L: torch.Tensor
+    """Mean router entropy per MoE layer, nats (no grad)."""
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = ffn
+
+    def forward(self, h, cos, sin) -> tuple[torch.Tensor, RouterOutput | None]:
+        h = h + self.attention(self.attention_norm(h), cos, sin)
+        if isinstance(self.ffn, MoELayer):
+            out, route = self.ffn(self.ffn_norm(h))
+            return h + out, route
+        return h + self.ffn(self.ffn_norm(h)), None
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig):
+        super().__init__()
+        self.cfg, self.moe_cfg = cfg, moe
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(
+            Block(cfg, build_moe(cfg.dim, moe) if moe.is_moe_layer(i) else SwiGLU(cfg.dim, cfg.ffn_hidden))
+            for i in range(cfg.n_layers)
+        )
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rotary_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for every matrix; the projections that write into the residual
+        stream (attention wo, FFN w2, experts' w2) scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # RMSNorm gains
+                p.fill_(1.0)
+            elif name.endswith(("wo.weight", "w2.weight", "w2_EFD")):
+                p.normal_(0.0, residual_std)
+            else:
+                p.normal_(0.0, std)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MoELayer)]
+
+    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> ModelOutput:
+        S = tokens_BS.shape[1]
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length ({S}) exceeds model.max_seq_len ({self.cfg.max_seq_len})")
+        h_BSD = self.tok_embeddings(tokens_BS)
+        routes: list[RouterOutput] = []
+        for block in self.layers:
+            h_BSD, route = block(h_BSD, self.rope_cos, self.rope_sin)
+            if route is not None:
+                routes.append(route)
+        logits = self.output(self.norm(h_BSD)).float()
+
+        zero = logits.new_zeros(())
+        aux = torch.stack([r.aux_loss for r in routes]).mean() if routes else zero
+        z = torch.stack([r.z_loss for r in routes]).mean() if routes else zero
+        counts = torch.stack([r.counts_E for r in routes]) if routes else torch.zeros(0, 0, dtype=torch.long)
+        entropy = torch.stack([r.entropy for r in routes]) if routes else logits.new_zeros(0)
+        loss = lm_loss = None
+        if targets_BS is not None:
+            lm_loss = F.cross_entropy(logits.flatten(0, 1), targets_BS.flatten())
+            loss = lm_loss + self.moe_cfg.aux_loss_coef * aux + self.moe_cfg.z_loss_coef * z
+        return ModelOutput(logits, loss, lm_loss, aux, z, counts, entropy)
