@@ -1,0 +1,37 @@
+"""Typed schema of the parallel layout and the distributed backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from model.errors import ConfigError, check_choice, check_positive
+
+DIST_BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass
+class ParallelConfig:
+    """How the world of ranks is split. Dense layout: world = dp (x tp, next issue).
+
+    Expert parallelism is carved out of data parallelism: the dp ranks are cut into groups of
+    ep consecutive ranks that hold disjoint slices of the experts; ranks at the same position
+    of different groups hold the same experts and form the expert-data-parallel group
+    (size dp / ep). See parallel/topology.py for the rank order.
+    """
+
+    dp: int | None = None
+    """Data-parallel degree; null = derived from WORLD_SIZE. When set it must match."""
+    ep: int = 1
+    """Expert-parallel degree; must divide dp and moe.num_experts."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
+    timeout_s: float = 300.0
+    """Collective timeout in seconds: a peer that never arrives becomes an error, not a hang."""
+
+    def validate(self) -> None:
+        if self.dp is not None:
+            check_positive("parallel.dp", self.dp)
+        check_positive("parallel.ep", self.ep)
+        check_choice("parallel.backend", self.backend, DIST_BACKENDS)
+        if self.timeout_s <= 0:
+            raise ConfigError(f"parallel.timeout_s ({self.timeout_s}) must be > 0")

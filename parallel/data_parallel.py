@@ -1,0 +1,82 @@
+"""Gradient reduction for data parallelism with experts, and the global gradient norm.
+
+Why experts divide by dp and not by edp (the classic bug): the training loss is the mean of
+the dp ranks' local losses, L = (1/dp) * sum_r loss_r. After backward an expert's gradient on
+its owner already holds sum over the ep group's ranks of d loss_r / d w (the all-to-all's
+backward brought every token's contribution home). Summing over the edp group adds the other
+ep groups, which gives sum over all dp ranks; dividing by dp gives dL/dw. Dividing by edp
+would scale expert gradients by ep relative to dense ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from parallel.topology import Topology
+
+
+def _all_reduce_sum_(tensors: list[torch.Tensor], group: dist.ProcessGroup, scale: float) -> None:
+    """Sum over the group, then multiply by scale; one flat buffer so gloo sends one message."""
+    if not tensors:
+        return
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat, group=group)
+    flat.mul_(scale)
+    for t, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        t.copy_(reduced)
+
+
+def _grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    for p in params:
+        if p.grad is None:
+            # Every parameter gets a gradient in this model (dropless, stacked experts); a
+            # missing one would desynchronise the flat buffers across ranks.
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params]
+
+
+def reduce_gradients(
+    dense: list[torch.nn.Parameter], expert: list[torch.nn.Parameter], topology: Topology
+) -> None:
+    """Dense grads: mean over dp. Expert grads: sum over edp, divided by dp (see module doc)."""
+    dp = topology.size("dp")
+    if dp > 1:
+        _all_reduce_sum_(_grads(dense), topology.groups["dp"], 1.0 / dp)
+    if topology.size("edp") > 1:
+        _all_reduce_sum_(_grads(expert), topology.groups["edp"], 1.0 / dp)
+    elif dp > 1:
+        for g in _grads(expert):
+            g.mul_(1.0 / dp)
+
+
+def global_grad_norm(
+    dense: list[torch.nn.Parameter], expert: list[torch.nn.Parameter], topology: Topology
+) -> torch.Tensor:
+    """L2 norm of the full model's gradient, the same value on every rank.
+
+    After reduce_gradients dense grads are identical on every rank; expert grads differ across
+    the ep group (different experts), so their squared norms are summed over it.
+    """
+    device = (dense + expert)[0].device
+    dense_sq = sum((g.float().pow(2).sum() for g in _grads(dense)), torch.zeros((), device=device))
+    expert_sq = sum((g.float().pow(2).sum() for g in _grads(expert)), torch.zeros((), device=device))
+    if topology.size("ep") > 1:
+        dist.all_reduce(expert_sq, group=topology.groups["ep"])
+    return (dense_sq + expert_sq).sqrt()
+
+
+def clip_gradients_(
+    dense: list[torch.nn.Parameter],
+    expert: list[torch.nn.Parameter],
+    max_norm: float,
+    topology: Topology,
+) -> torch.Tensor:
+    """Scale all gradients so the global norm is at most max_norm; returns the norm before."""
+    norm = global_grad_norm(dense, expert, topology)
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in _grads(dense) + _grads(expert):
+            g.mul_(scale)
+    return norm
