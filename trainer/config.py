@@ -1,0 +1,137 @@
+"""Typed schema of the training loop, the data, checkpoints and logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.errors import ConfigError, check_choice, check_positive
+
+DATA_SOURCES = ("stdlib", "text", "tokens")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: AdamW, linear warmup then cosine decay, clipping, accumulation."""
+
+    steps: int = 300
+    """Optimizer steps to run."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (global batch = dp * micro * accum)."""
+    seq_len: int = 128
+    """Tokens per sequence (must be <= model.max_seq_len)."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine decay, as a fraction of lr."""
+    warmup_steps: int = 30
+    """Linear warmup steps from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (norm gains are not decayed)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    seed: int = 1234
+    """Seed of the weights and the data order (the same on every rank)."""
+    eval_interval: int = 100
+    """Evaluate on held-out data every this many steps (and at the end); 0 = only at the end."""
+    eval_batches: int = 8
+    """Micro-batches per rank in one evaluation."""
+    deterministic: bool = False
+    """Ask torch for deterministic algorithms (bitwise-repeatable runs, slower on GPU)."""
+
+    def validate(self) -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "eval_batches"):
+            check_positive(f"train.{name}", getattr(self, name))
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr ({self.lr}) must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1]")
+        for name in ("warmup_steps", "eval_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} ({getattr(self, name)}) must be >= 0")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(
+                f"train.weight_decay ({self.weight_decay}) and train.grad_clip "
+                f"({self.grad_clip}) must be >= 0"
+            )
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} ({getattr(self, name)}) must be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. Each data-parallel rank reads its own deterministic shard."""
+
+    source: str = "stdlib"
+    """stdlib: the running Python's standard-library sources as bytes (vocab 256);
+    text: a UTF-8/bytes file or a folder of them (bytes, vocab 256);
+    tokens: a pre-tokenized flat binary file read as a numpy memmap."""
+    path: str | None = None
+    """File or folder for source=text, file for source=tokens."""
+    text_glob: str = "**/*.txt"
+    """Files picked from a folder when source=text."""
+    token_dtype: str = "uint16"
+    """numpy dtype of a source=tokens file."""
+    holdout_fraction: float = 0.05
+    """Share of the data held out for evaluation (by file where there are several files)."""
+
+    def validate(self) -> None:
+        check_choice("data.source", self.source, DATA_SOURCES)
+        if self.source != "stdlib":
+            if not self.path:
+                raise ConfigError(f"data.path is required when data.source is {self.source!r}")
+            if not Path(self.path).exists():
+                raise ConfigError(f"data.path ({self.path}) does not exist")
+        check_choice("data.token_dtype", self.token_dtype, ("uint8", "uint16", "int32", "uint32", "int64"))
+        if not 0 < self.holdout_fraction < 1:
+            raise ConfigError(
+                f"data.holdout_fraction ({self.holdout_fraction}) must be in (0, 1)"
+            )
+
+
+@dataclass
+class CheckpointConfig:
+    """Plain full checkpoints: model weights at their global shape, plus the config."""
+
+    interval: int = 0
+    """Save every this many steps; 0 = only at the end."""
+    save_final: bool = True
+    """Save when training ends."""
+    init_from: str | None = None
+    """Load model weights from this checkpoint file before training (any ep layout)."""
+
+    def validate(self) -> None:
+        if self.interval < 0:
+            raise ConfigError(f"checkpoint.interval ({self.interval}) must be >= 0")
+        if self.init_from is not None and not Path(self.init_from).is_file():
+            raise ConfigError(f"checkpoint.init_from ({self.init_from}) is not a file")
+
+
+@dataclass
+class LoggingConfig:
+    """Run directory, progress bar, TensorBoard."""
+
+    run_dir: str = "runs/default"
+    """Directory for the resolved config, TensorBoard events and checkpoints."""
+    log_interval: int = 10
+    """Write scalars (and refresh the progress bar's numbers) every this many steps."""
+    heatmap_interval: int = 50
+    """Write the layers x experts load heatmap every this many steps; 0 = never."""
+    tensorboard: bool = True
+    """Write TensorBoard event files (rank 0)."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+    def validate(self) -> None:
+        check_positive("logging.log_interval", self.log_interval)
+        if self.heatmap_interval < 0:
+            raise ConfigError(
+                f"logging.heatmap_interval ({self.heatmap_interval}) must be >= 0"
+            )

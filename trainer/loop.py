@@ -1,0 +1,150 @@
+"""The training loop: accumulate, reduce, clip, step; evaluate, log, checkpoint.
+
+One step, as data: each dp rank draws its micro-batches -> forward (MoE layers exchange tokens
+inside) -> (loss / grad_accum).backward() -> dense grads averaged over dp, expert grads over
+edp (parallel.data_parallel) -> global-norm clip -> AdamW -> metrics every log_interval.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from parallel.checkpoint import save_full_checkpoint
+from parallel.data_parallel import clip_gradients_, reduce_gradients
+from parallel.expert_parallel import split_parameters
+from parallel.topology import Topology
+from trainer.data import Corpus, ShardedSampler, eval_batches
+from trainer.metrics import MetricsWriter, Throughput, expert_load_stats, load_heatmap
+from trainer.optim import build_optimizer, lr_at, set_lr
+
+
+@dataclass
+class _Window:
+    """Sums of this rank's step statistics since the last log (reduced over dp at log time)."""
+
+    steps: int = 0
+    values: torch.Tensor = field(default_factory=lambda: torch.zeros(4))  # lm, aux, z, entropy
+    counts_LE: torch.Tensor | None = None
+
+    def add(self, out, accum: int) -> None:
+        entropy = out.router_entropy_L.mean() if out.router_entropy_L.numel() else out.lm_loss * 0
+        stats = torch.stack([out.lm_loss, out.aux_loss, out.z_loss, entropy]).detach().cpu()
+        self.values += stats / accum
+        counts = out.expert_counts_LE.detach().cpu()
+        self.counts_LE = counts if self.counts_LE is None else self.counts_LE + counts
+
+
+class Trainer:
+    def __init__(self, job, model, topology: Topology, device: torch.device, corpus: Corpus, run_dir: Path):
+        self.job, self.cfg, self.model, self.topology = job, job.train, model, topology
+        self.device, self.run_dir = device, Path(run_dir)
+        self.dense, self.expert = split_parameters(model)
+        self.optimizer = build_optimizer(self.dense + self.expert, self.cfg)
+        dp_rank, dp = topology.coord("dp"), topology.size("dp")
+        common = dict(seq_len=self.cfg.seq_len, micro_batch_size=self.cfg.micro_batch_size,
+                      dp_rank=dp_rank, dp_size=dp)
+        self.sampler = ShardedSampler(corpus.train, seed=self.cfg.seed,
+                                      vocab_size=job.model.vocab_size, **common)
+        self.val = eval_batches(corpus.val, num_batches=self.cfg.eval_batches, **common)
+        self.is_main = topology.rank == 0
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main and job.logging.tensorboard)
+        self.tokens_per_step = dp * self.cfg.micro_batch_size * self.cfg.grad_accum * self.cfg.seq_len
+        self.step = 0
+        self.history: list[dict] = []
+
+    def train_step(self, window: _Window) -> torch.Tensor:
+        """One optimizer step; returns the global gradient norm before clipping."""
+        self.model.train()
+        set_lr(self.optimizer, lr_at(self.step, self.cfg))
+        self.optimizer.zero_grad(set_to_none=True)
+        for micro in range(self.cfg.grad_accum):
+            x, y = self.sampler.batch(self.step * self.cfg.grad_accum + micro)
+            out = self.model(x.to(self.device), y.to(self.device))
+            (out.loss / self.cfg.grad_accum).backward()
+            window.add(out, self.cfg.grad_accum)
+        reduce_gradients(self.dense, self.expert, self.topology)
+        norm = clip_gradients_(self.dense, self.expert, self.cfg.grad_clip, self.topology)
+        self.optimizer.step()
+        self.step += 1
+        window.steps += 1
+        return norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean held-out cross-entropy over every dp rank's eval batches (nats/token)."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for x, y in self.val:
+            total += self.model(x.to(self.device), y.to(self.device)).lm_loss
+        total /= len(self.val)
+        dist.all_reduce(total, group=self.topology.groups["dp"])
+        return total.item() / self.topology.size("dp")
+
+    def _log(self, window: _Window, norm: torch.Tensor, rate: float) -> dict:
+        """Reduce the window over dp and write scalars; returns them. Collective."""
+        dp_group, dp = self.topology.groups["dp"], self.topology.size("dp")
+        values = (window.values / window.steps).to(self.device)
+        dist.all_reduce(values, group=dp_group)
+        values = (values / dp).tolist()
+        scalars = {"train/loss": values[0], "train/aux_loss": values[1], "train/z_loss": values[2],
+                   "train/lr": self.optimizer.param_groups[0]["lr"], "train/grad_norm": norm.item(),
+                   "train/tokens_per_s": rate}
+        if window.counts_LE is not None and window.counts_LE.numel():
+            counts = window.counts_LE.to(self.device)
+            dist.all_reduce(counts, group=dp_group)
+            entropy = torch.full((counts.shape[0],), values[3])
+            scalars |= expert_load_stats(counts.cpu(), entropy)
+            heat_every = self.job.logging.heatmap_interval
+            if heat_every and (self.step % heat_every == 0 or self.step == self.cfg.steps):
+                self.metrics.image("moe/expert_load", load_heatmap(counts.cpu()), self.step)
+        self.metrics.scalars(self.step, scalars)
+        return scalars
+
+    def save(self, name: str) -> Path:
+        path = self.run_dir / "checkpoints" / name
+        meta = {"step": self.step, "tokens_seen": self.step * self.tokens_per_step,
+                "layout": vars(self.topology.layout), "config": self.job.to_dict()}
+        save_full_checkpoint(path, self.model, self.topology, meta)
+        return path
+
+    def fit(self) -> dict:
+        cfg, log_cfg, ck = self.cfg, self.job.logging, self.job.checkpoint
+        bar = tqdm(total=cfg.steps, disable=not (self.is_main and log_cfg.progress),
+                   desc="train", unit="step", dynamic_ncols=True)
+        throughput, window = Throughput(), _Window()
+        start, eval_loss, scalars = time.perf_counter(), float("nan"), {}
+        while self.step < cfg.steps:
+            norm = self.train_step(window)
+            throughput.update(self.tokens_per_step)
+            bar.update(1)
+            last = self.step == cfg.steps
+            if self.step % log_cfg.log_interval == 0 or last:
+                scalars = self._log(window, norm, throughput.rate())
+                window = _Window()
+                bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
+                                tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+            if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last:
+                eval_loss = self.evaluate()
+                self.metrics.scalars(self.step, {"eval/loss": eval_loss})
+                self.history.append({"step": self.step, "eval_loss": eval_loss})
+                bar.write(f"step {self.step}: eval loss {eval_loss:.4f}") if self.is_main else None
+            if ck.interval and self.step % ck.interval == 0 and not last:
+                self.save(f"step_{self.step:06d}.pt")
+        bar.close()
+        elapsed = time.perf_counter() - start
+        summary = {"steps": self.step, "final_eval_loss": eval_loss,
+                   "final_train_loss": scalars.get("train/loss"), "elapsed_s": elapsed,
+                   "tokens_per_s": self.step * self.tokens_per_step / elapsed, "evals": self.history}
+        if ck.save_final:
+            summary["checkpoint"] = str(self.save(f"step_{self.step:06d}.pt"))
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.metrics.close()
+        return summary
