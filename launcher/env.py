@@ -1,0 +1,253 @@
+"""How this process was launched: rank, world and rendezvous address, read from the environment.
+
+Reading is kept apart from joining (``init_distributed``) so a configuration can be checked
+against the world size before any collective exists; a bad launch then fails at once with a
+ConfigError on every rank instead of hanging in a rendezvous. ``read_env`` and the hostlist
+helpers are pure functions of their inputs so tests can pass a dict.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from model.errors import ConfigError, check_choice
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                 "MASTER_ADDR", "MASTER_PORT")
+NOMINAL_PORT = 29500  # a world of one never opens a socket; this is only a value to report
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job; ``launcher`` is "torchrun", "slurm" or "single"."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _int(env: Mapping[str, str], name: str, minimum: int = 0) -> int:
+    try:
+        value = int(env[name].strip())
+    except ValueError:
+        raise ConfigError(f"{name}={env[name]!r} is not an integer") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={env[name]!r} must be >= {minimum}")
+    return value
+
+
+def _checked(values: tuple[int, int, int, int], names: tuple[str, ...], addr: str, port: int,
+             launcher: str) -> DistEnv:
+    """Cross-field checks on (rank, world, local_rank, local_world) read from ``names``."""
+    rank, world, local_rank, local_world = values
+    for (a, b), (na, nb) in (((rank, world), names[:2]), ((local_rank, local_world), names[2:])):
+        if a >= b:
+            raise ConfigError(f"{na}={a} must be < {nb}={b}")
+    if local_world > world:
+        raise ConfigError(f"{names[3]}={local_world} must be <= {names[1]}={world}")
+    if not addr.strip():
+        raise ConfigError(f"MASTER_ADDR={addr!r} is empty")
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"MASTER_PORT={port} must be in 1..65535")
+    return DistEnv(rank, local_rank, world, local_world, addr.strip(), port, launcher)
+
+
+def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Read the launch from torchrun variables, else Slurm's, else a world of one.
+
+    torchrun wins over Slurm because a torchrun started inside an srun step sees both, and it
+    is torchrun that spawned this process. A torchrun rank variable without the rest is an
+    error, not a silent fallback: a half-set environment means a broken launch. Slurm is
+    recognised by SLURM_PROCID, set per task by srun; a bare ``python`` in an sbatch script
+    (no srun) is not a task launch and would wait for peers that never come.
+    """
+    env = os.environ if environ is None else environ
+    if any(v in env for v in TORCHRUN_VARS[:4]):
+        missing = [v for v in TORCHRUN_VARS if v not in env]
+        if missing:
+            present = ", ".join(f"{v}={env[v]!r}" for v in TORCHRUN_VARS if v in env)
+            raise ConfigError(f"incomplete launcher environment: {present} set but "
+                              f"{', '.join(missing)} missing")
+        values = (_int(env, "RANK"), _int(env, "WORLD_SIZE", 1), _int(env, "LOCAL_RANK"),
+                  _int(env, "LOCAL_WORLD_SIZE", 1))
+        return _checked(values, ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+                        env["MASTER_ADDR"], _int(env, "MASTER_PORT"), "torchrun")
+    if "SLURM_PROCID" in env:
+        return _read_slurm(env)
+    return DistEnv(0, 0, 1, 1, "127.0.0.1", NOMINAL_PORT, "single")
+
+
+def _read_slurm(env: Mapping[str, str]) -> DistEnv:
+    """One task per slot under srun; every task derives the same address and port alone."""
+    for name in ("SLURM_NTASKS", "SLURM_LOCALID"):
+        if name not in env:
+            raise ConfigError(f"SLURM_PROCID={env['SLURM_PROCID']!r} set but {name} missing")
+    # SLURM_TASKS_PER_NODE is the actual layout; SLURM_NTASKS_PER_NODE only the request.
+    per_node = next((n for n in ("SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE") if n in env),
+                    "SLURM_TASKS_PER_NODE")
+    local_world = 1
+    if per_node in env:
+        counts = parse_tasks_per_node(env[per_node], per_node)
+        node = _int(env, "SLURM_NODEID") if "SLURM_NODEID" in env else None
+        if len(set(counts)) == 1:  # "4" or "4(x2)": the same on every node
+            local_world = counts[0]
+        elif node is None or node >= len(counts):
+            raise ConfigError(f"{per_node}={env[per_node]!r} differs per node; SLURM_NODEID="
+                              f"{node} does not pick one of its {len(counts)} nodes")
+        else:
+            local_world = counts[node]
+    addr = env.get("MASTER_ADDR")
+    if addr is None:
+        # The step's list first: rank 0 runs on the step's first node, which for a step on
+        # part of an allocation need not be the allocation's first node.
+        lists = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+        name = next((n for n in lists if env.get(n)), None)
+        if name is None:
+            raise ConfigError("MASTER_ADDR unset and SLURM_JOB_NODELIST/SLURM_NODELIST missing")
+        try:
+            addr = first_host(env[name])
+        except ValueError as e:
+            raise ConfigError(f"{name}={env[name]!r}: {e}") from None
+    job = next((n for n in ("SLURM_JOB_ID", "SLURM_JOBID") if n in env), None)
+    if "MASTER_PORT" in env:
+        port = _int(env, "MASTER_PORT")
+    else:  # from the job id: all tasks agree without talking; below Linux ephemeral ports
+        port = 10000 + _int(env, job) % 20000 if job else NOMINAL_PORT
+    values = (_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS", 1),
+              _int(env, "SLURM_LOCALID"), local_world)
+    return _checked(values, ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", per_node),
+                    addr, port, "slurm")
+
+
+def parse_tasks_per_node(value: str, name: str = "SLURM_TASKS_PER_NODE") -> list[int]:
+    """Expand Slurm's compressed per-node counts: "2(x3),1" -> [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for part in value.split(","):
+        m = re.fullmatch(r"\s*([1-9]\d*)\s*(?:\(x([1-9]\d*)\))?\s*", part)
+        if m is None:
+            raise ConfigError(f"{name}={value!r} is not a Slurm tasks-per-node list")
+        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+    return counts
+
+
+def _split_hosts(nodelist: str) -> list[str]:
+    """Split at commas outside brackets, rejecting unbalanced or nested brackets."""
+    hosts, depth, start = [], 0, 0
+    for i, ch in enumerate(nodelist + ","):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth not in (0, 1) or (i == len(nodelist) and depth):
+            raise ValueError(f"unbalanced brackets in nodelist {nodelist!r}")
+        if ch == "," and depth == 0:
+            hosts.append(nodelist[start:i].strip())
+            start = i + 1
+    if not all(hosts):
+        raise ValueError(f"empty host name in nodelist {nodelist!r}")
+    return hosts
+
+
+def _parse_host(nodelist: str, host: str) -> list[list[str]]:
+    """One host pattern as segments, each a list of alternatives (literal text has one)."""
+    segments: list[list[str]] = []
+    for m in re.finditer(r"([^\[\]]*)(?:\[([^\[\]]*)\])?", host):
+        if m.group(1):
+            segments.append([m.group(1)])
+        if m.group(2) is not None:
+            values: list[str] = []
+            for item in m.group(2).split(","):
+                r = re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip())
+                lo, hi = (r.group(1), r.group(2) or r.group(1)) if r else ("1", "0")
+                if int(hi) < int(lo):
+                    raise ValueError(f"bad range {item!r} in nodelist {nodelist!r}")
+                values.extend(str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1))
+            segments.append(values)
+    return segments
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Slurm hostlist expansion without ``scontrol`` (absent on many compute images).
+
+    Zero padding follows the range's lower bound ("[098-101]" -> 098..101); several brackets
+    in one name expand as a cartesian product with the first bracket varying slowest.
+    """
+    return ["".join(p) for h in _split_hosts(nodelist)
+            for p in itertools.product(*_parse_host(nodelist, h))]
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a nodelist, parsing only the first pattern."""
+    return "".join(seg[0] for seg in _parse_host(nodelist, _split_hosts(nodelist)[0]))
+
+
+def choose_backend(requested: str, cuda_available: bool | None = None) -> str:
+    """Resolve parallel.backend; nccl without CUDA is refused here, not at the first collective."""
+    check_choice("parallel.backend", requested, ("auto", "nccl", "gloo"))
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if requested == "auto":
+        return "nccl" if cuda_available else "gloo"
+    if requested == "nccl" and not cuda_available:
+        raise ConfigError("parallel.backend is 'nccl' but CUDA is not available; use gloo or auto")
+    return requested
+
+
+def device_for(backend: str, local_rank: int) -> torch.device:
+    """NCCL means one GPU per process, picked by local rank; gloo here means CPU training."""
+    check_choice("backend", backend, ("nccl", "gloo"))
+    return torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+
+
+_store_path: str | None = None  # the world-of-one FileStore, removed by shutdown_distributed
+
+
+def init_distributed(env: DistEnv, backend: str, timeout_s: float) -> None:
+    """Join the process group described by ``env`` (``backend`` from choose_backend).
+
+    A world of one ALSO gets a process group, so the trainer has one code path whose
+    collectives are no-ops instead of ``if distributed`` branches everywhere. It meets through
+    a FileStore in a temporary file, not a TCP port: no port to race for, no socket opened.
+    It keeps the given backend (gloo on CPU; nccl on one GPU, so collectives on CUDA tensors
+    behave as in a larger job).
+    """
+    global _store_path
+    if dist.is_initialized():
+        raise RuntimeError("init_distributed called twice; the process group already exists")
+    if timeout_s <= 0:
+        raise ConfigError(f"timeout_s ({timeout_s}) must be > 0")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    if env.is_distributed:
+        dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                                rank=env.rank, world_size=env.world_size, timeout=timeout)
+        return
+    fd, _store_path = tempfile.mkstemp(prefix="moe-single-store-")
+    os.close(fd)
+    dist.init_process_group(backend, store=dist.FileStore(_store_path, 1), rank=0,
+                            world_size=1, timeout=timeout)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the group if one exists (safe to call twice) and remove a world-of-one store."""
+    global _store_path
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if _store_path is not None and os.path.exists(_store_path):
+        os.remove(_store_path)
+    _store_path = None
