@@ -1,0 +1,90 @@
+"""One helper to run a function on N real gloo processes, with a timeout.
+
+    results = run_distributed(fn, world_size=4, args=(...), timeout_s=120)
+
+`fn(rank, world_size, *args)` must be a module-level function (processes are spawned, not
+forked). The group is joined through a FileStore in a fresh temporary file, so tests never
+race for a port. Every rank's return value comes back in rank order. If any rank raises, the
+test fails with the traceback of every failing rank; ranks still running ERROR_GRACE_S after
+a failure, or at `timeout_s`, are killed and named, so a hang fails fast.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import tempfile
+import time
+import traceback
+
+ERROR_GRACE_S = 10.0
+
+
+def _child(fn, rank, world_size, store_path, timeout_s, args, results):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        try:
+            results.put((rank, "ok", fn(rank, world_size, *args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - every failure is reported to the parent
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def _collect(procs, results, world_size: int, timeout_s: float) -> dict[int, tuple[str, object]]:
+    outcome: dict[int, tuple[str, object]] = {}
+    deadline = time.monotonic() + timeout_s
+    error_deadline = None
+    while len(outcome) < world_size:
+        now = time.monotonic()
+        if now > deadline or (error_deadline is not None and now > error_deadline):
+            break
+        try:
+            rank, status, value = results.get(timeout=0.5)
+        except queue.Empty:
+            if all(p.exitcode is not None for p in procs):
+                break  # everyone exited; whoever did not report crashed
+            continue
+        outcome[rank] = (status, value)
+        if status == "error" and error_deadline is None:
+            error_deadline = now + ERROR_GRACE_S
+    return outcome
+
+
+def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 120.0) -> list:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_child, args=(fn, r, world_size, store, timeout_s, args, results))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        outcome: dict[int, tuple[str, object]] = {}
+        try:
+            outcome = _collect(procs, results, world_size, timeout_s)
+        finally:
+            for r, p in enumerate(procs):
+                p.join(timeout=10 if r in outcome else 0)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    errors = [f"--- rank {r} ---\n{v}" for r, (s, v) in sorted(outcome.items()) if s == "error"]
+    missing = [r for r in range(world_size) if r not in outcome]
+    if errors or missing:
+        lines = []
+        if missing:
+            lines.append(f"ranks {missing} did not report within {timeout_s:.0f}s, or within "
+                         f"{ERROR_GRACE_S:.0f}s of another rank failing (hang or crash); killed")
+        raise AssertionError("\n".join(lines + errors))
+    return [outcome[r][1] for r in range(world_size)]

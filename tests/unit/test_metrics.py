@@ -1,0 +1,142 @@
+"""Unit tests of trainer.metrics: load statistics, heatmap, TensorBoard writer, throughput."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from trainer.metrics import MetricsWriter, Throughput, expert_load_stats, load_heatmap
+
+
+def _luminance(rgb_3: torch.Tensor) -> float:
+    r, g, b = (float(x) for x in rgb_3)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_expert_load_stats_hand_computed():
+    counts = torch.tensor([[4, 0, 0, 0], [1, 1, 1, 1]])
+    entropy = torch.tensor([0.0, math.log(4)])
+    s = expert_load_stats(counts, entropy)
+    assert s["moe/layer0/max_tokens_per_expert"] == 4.0
+    assert s["moe/layer0/mean_tokens_per_expert"] == 1.0
+    assert s["moe/layer0/max_over_mean"] == 4.0
+    assert s["moe/layer0/busiest_expert_fraction"] == 1.0
+    assert s["moe/layer1/max_tokens_per_expert"] == 1.0
+    assert s["moe/layer1/mean_tokens_per_expert"] == 1.0
+    assert s["moe/layer1/max_over_mean"] == 1.0
+    assert s["moe/layer1/busiest_expert_fraction"] == 0.25
+    assert s["moe/layer0/router_entropy"] == 0.0
+    assert s["moe/layer1/router_entropy"] == pytest.approx(math.log(4))
+    assert s["moe/max_over_mean"] == pytest.approx(2.5)
+    assert s["moe/busiest_expert_fraction"] == pytest.approx(0.625)
+    assert s["moe/router_entropy"] == pytest.approx(math.log(4) / 2)
+    assert all(isinstance(v, float) for v in s.values())
+
+
+def test_expert_load_stats_without_entropy_has_no_entropy_keys():
+    s = expert_load_stats(torch.tensor([[3.0, 1.0]]))
+    assert not any("entropy" in k for k in s)
+    assert s["moe/layer0/max_over_mean"] == pytest.approx(1.5)
+    assert s["moe/busiest_expert_fraction"] == pytest.approx(0.75)
+
+
+def test_zero_token_layer_gives_zeros_not_nan():
+    s = expert_load_stats(torch.tensor([[0, 0, 0], [2, 1, 0]]), torch.tensor([0.0, 0.5]))
+    assert all(math.isfinite(v) for v in s.values())
+    assert s["moe/layer0/max_over_mean"] == 0.0
+    assert s["moe/layer0/busiest_expert_fraction"] == 0.0
+    assert s["moe/layer1/max_over_mean"] == pytest.approx(2.0)
+    assert s["moe/max_over_mean"] == pytest.approx(1.0)
+
+
+def test_empty_counts_and_bad_inputs():
+    assert expert_load_stats(torch.zeros(0, 8)) == {}
+    with pytest.raises(ValueError):
+        expert_load_stats(torch.ones(4))
+    with pytest.raises(ValueError):
+        expert_load_stats(torch.ones(2, 4), torch.ones(3))
+
+
+def test_heatmap_shape_and_dtype():
+    img = load_heatmap(torch.tensor([[4, 0, 0, 0], [1, 1, 1, 1]]), cell=8)
+    assert img.dtype == torch.uint8
+    assert img.shape == (3, 2 * 8 + 1, 4 * 8 + 3)  # L-1 and E-1 grid lines
+    img = load_heatmap(torch.ones(3, 5), cell=4, grid=False)
+    assert img.shape == (3, 3 * 4, 5 * 4)
+
+
+def test_heatmap_busy_cell_brighter_and_uniform_is_middle():
+    cell = 8
+    pitch = cell + 1
+    img = load_heatmap(torch.tensor([[4, 0, 0, 0], [1, 1, 1, 1]]), cell=cell)
+
+    def pixel(layer, expert):  # centre of the cell
+        return img[:, layer * pitch + cell // 2, expert * pitch + cell // 2]
+
+    busy, idle, uniform = pixel(0, 0), pixel(0, 1), pixel(1, 2)
+    assert _luminance(busy) > _luminance(uniform) > _luminance(idle)
+    # The uniform share must equal the colour at the middle of the scale, i.e. the share
+    # half-way between idle (0) and clamped (2/E): reproduce it with a 2-expert layer at 1/2.
+    mid = load_heatmap(torch.tensor([[1, 1]]), cell=1, grid=False)[:, 0, 0]
+    assert torch.equal(uniform, mid)
+    # ...and that is viridis(0.5) = #21918c, independent of the implementation's anchors.
+    assert torch.allclose(uniform.float(), torch.tensor([33.0, 145.0, 140.0]), atol=3)
+    # Whole cell is one colour (nearest-neighbour), and the grid line is dark.
+    block = img[:, 0:cell, 0:cell]
+    assert torch.equal(block, busy[:, None, None].expand_as(block))
+    assert int(img[:, cell, :].max()) == 0
+
+
+def test_heatmap_clamps_above_twice_uniform():
+    # Share 1.0 on 4 experts is 4/E; share 0.5 is 2/E: both at the top of the scale.
+    a = load_heatmap(torch.tensor([[4, 0, 0, 0]]), cell=1, grid=False)[:, 0, 0]
+    b = load_heatmap(torch.tensor([[2, 2, 0, 0]]), cell=1, grid=False)[:, 0, 0]
+    assert torch.equal(a, b)
+
+
+def test_metrics_writer_round_trip(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    img = load_heatmap(torch.tensor([[4, 0, 0, 0], [1, 1, 1, 1]]), cell=4)
+    with MetricsWriter(tmp_path, enabled=True) as w:
+        w.scalars(1, {"train/loss": 2.5, "moe/max_over_mean": 1.25})
+        w.scalars(2, {"train/loss": 2.0})
+        w.image("moe/load_heatmap", img, step=2)
+        w.text("config", "hello", step=0)
+        w.flush()
+    log_dir = tmp_path / "tensorboard"
+    assert any(p.name.startswith("events.out.tfevents") for p in log_dir.iterdir())
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "moe/load_heatmap" in tags["images"]
+    loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert loss == [(1, pytest.approx(2.5)), (2, pytest.approx(2.0))]
+    assert acc.Scalars("moe/max_over_mean")[0].value == pytest.approx(1.25)
+    image = acc.Images("moe/load_heatmap")[0]
+    assert (image.step, image.width, image.height) == (2, img.shape[2], img.shape[1])
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    w = MetricsWriter(tmp_path, enabled=False)
+    w.scalars(1, {"train/loss": 1.0})
+    w.image("img", torch.zeros(3, 4, 4, dtype=torch.uint8), step=1)
+    w.text("t", "x", step=1)
+    w.flush()
+    w.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_throughput_rate_positive_and_windowed():
+    t = Throughput()
+    t.update(1000)
+    t.update(500)
+    time.sleep(0.01)
+    r = t.rate()
+    assert math.isfinite(r) and r > 0
+    assert r < 1500 / 0.01 * 1.01  # at most tokens / (slept time)
+    # The window resets: with no new tokens the next rate is zero.
+    assert t.rate() == 0.0

@@ -1,0 +1,109 @@
+"""The MoE layer on one process: equivalences with dense math and between expert impls."""
+
+import copy
+
+import pytest
+import torch
+
+from model.config import MoEConfig
+from model.layers import SwiGLU
+from model.moe import MoELayer
+from model.moe.dispatch import LocalComm, combine, dispatch
+from model.moe.experts import SwiGLUExperts
+
+D, F = 16, 24
+
+
+def _layer(num_experts=4, top_k=2, impl="grouped_mm", seed=0) -> MoELayer:
+    torch.manual_seed(seed)
+    layer = MoELayer(D, MoEConfig(num_experts=num_experts, top_k=top_k, expert_hidden=F, expert_impl=impl))
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return layer
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+def test_one_expert_top1_equals_dense_swiglu(impl):
+    layer = _layer(num_experts=1, top_k=1, impl=impl)
+    dense = SwiGLU(D, F)
+    with torch.no_grad():  # nn.Linear stores (out, in); the experts store (in, out)
+        dense.w1.weight.copy_(layer.experts.w1_EDF[0].T)
+        dense.w3.weight.copy_(layer.experts.w3_EDF[0].T)
+        dense.w2.weight.copy_(layer.experts.w2_EFD[0].T)
+    x = torch.randn(3, 5, D)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_moe, _ = layer(x1)
+    y_dense = dense(x2)
+    torch.testing.assert_close(y_moe, y_dense)
+    g = torch.randn_like(y_dense)
+    y_moe.backward(g)
+    y_dense.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(layer.experts.w1_EDF.grad[0], dense.w1.weight.grad.T)
+    torch.testing.assert_close(layer.experts.w3_EDF.grad[0], dense.w3.weight.grad.T)
+    torch.testing.assert_close(layer.experts.w2_EFD.grad[0], dense.w2.weight.grad.T)
+    assert layer.router.weight.grad.abs().sum() == 0  # one expert: weight is 1 whatever the logits
+
+
+def test_grouped_mm_equals_loop_reference():
+    a = _layer(num_experts=6, top_k=3, impl="grouped_mm")
+    b = copy.deepcopy(a)
+    b.experts.impl = "loop"
+    x = torch.randn(4, 7, D)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, _ = a(xa)
+    yb, _ = b(xb)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+    ya.sum().backward()  # a broadcast (zero-stride) gradient must work with grouped_mm
+    yb.sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_moe_equals_per_token_weighted_sum_of_experts():
+    """The definition: y_t = sum_k w_tk * expert_{idx_tk}(x_t), computed token by token."""
+    layer = _layer(num_experts=4, top_k=2)
+    x = torch.randn(10, D)
+    y, route = layer(x.view(1, 10, D))
+    ex = layer.experts
+    for t in range(10):
+        want = torch.zeros(D)
+        for k in range(2):
+            e = route.topk_idx_TK[t, k]
+            h = torch.nn.functional.silu(x[t] @ ex.w1_EDF[e]) * (x[t] @ ex.w3_EDF[e])
+            want += route.topk_weight_TK[t, k] * (h @ ex.w2_EFD[e])
+        torch.testing.assert_close(y[0, t], want, rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_then_combine_with_identity_experts_returns_input():
+    x = torch.randn(9, D)
+    idx = torch.randint(0, 5, (9, 3))
+    w = torch.full((9, 3), 1 / 3)
+    grouped, plan = dispatch(x, idx, 5, LocalComm())
+    assert plan.tokens_per_expert.tolist() == torch.bincount(idx.flatten(), minlength=5).tolist()
+    torch.testing.assert_close(combine(grouped, w, plan, LocalComm()), x)
+
+
+def test_experts_with_no_tokens_still_get_zero_gradients():
+    layer = _layer(num_experts=4, top_k=1)
+    with torch.no_grad():  # every token to expert 2
+        layer.router.weight.zero_()
+        layer.router.weight[2] = 5.0
+    x = torch.ones(1, 6, D)
+    y, route = layer(x)
+    assert route.counts_E.tolist() == [0, 0, 6, 0]
+    y.square().sum().backward()
+    g = layer.experts.w1_EDF.grad
+    assert g is not None and g[[0, 1, 3]].abs().sum() == 0 and g[2].abs().sum() > 0
+
+
+def test_shard_keeps_a_contiguous_slice_and_rejects_bad_sizes():
+    ex = SwiGLUExperts(8, D, F)
+    torch.nn.init.normal_(ex.w1_EDF)
+    full = ex.w1_EDF.detach().clone()
+    ex.shard_(rank=2, size=4)
+    assert ex.num_local_experts == 2 and ex.expert_offset == 4
+    torch.testing.assert_close(ex.w1_EDF.detach(), full[4:6])
+    with pytest.raises(ValueError, match=r"num_experts \(6\) must be divisible by the expert-parallel size \(4\)"):
+        SwiGLUExperts(6, D, F).shard_(0, 4)
