@@ -1,0 +1,51 @@
+# Two commands do all the set-up on a fresh machine:
+#   make train   # creates .venv on first use, then trains the default model (4 gloo ranks, CPU)
+#   make test    # creates .venv on first use, then runs the test suite
+# Anything else: see README.md.
+
+PYTHON ?= python3
+VENV ?= .venv
+NPROC ?= 4
+CONFIG ?= configs/cpu_tiny.yaml
+ARGS ?=
+# On a machine without an NVIDIA GPU the CPU build of torch is installed first, so the
+# project's own range requirement (torch>=2.6) is already met and pulls no CUDA build.
+# TORCH_PIP_ARGS can point pip elsewhere, e.g. --index-url https://download.pytorch.org/whl/cpu
+TORCH_CPU ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test test-unit test-distributed test-gpu tensorboard clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+		$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_CPU)"; fi
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m launcher.train --config $(CONFIG) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra $(ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests/unit $(ARGS)
+
+test-distributed: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests/distributed $(ARGS)
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests/gpu $(ARGS)
+
+tensorboard: $(STAMP)
+	$(BIN)/tensorboard --logdir runs
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

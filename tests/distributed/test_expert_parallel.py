@@ -1,0 +1,123 @@
+"""Expert parallelism equals ep=1, for one MoE layer and for a full dp x ep training step.
+
+The reference always runs inside the same process on the unsharded model (LocalComm), so the
+comparison is exact up to fp32 summation order. Tolerances: rtol 1e-4, atol 1e-5 (fp32).
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from model.config import ModelConfig, MoEConfig
+from model.moe import MoELayer
+from model.transformer import TransformerLM
+from parallel.collectives import ProcessGroupExpertComm
+from parallel.data_parallel import clip_gradients_, reduce_gradients
+from parallel.expert_parallel import apply_expert_parallel, split_parameters
+from parallel.topology import Layout, Topology
+from tests.distributed.spawn import run_distributed
+from trainer.config import TrainConfig
+from trainer.optim import build_optimizer
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+D, E = 16, 8
+
+
+def _layer_equivalence(rank, world, ep, top_k, hot_expert):
+    topo = Topology.create(Layout(world_size=world, dp=world, ep=ep))
+    torch.manual_seed(0)
+    ref = MoELayer(D, MoEConfig(num_experts=E, top_k=top_k, expert_hidden=24))
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    if hot_expert is not None:  # every token of every rank picks the same expert first
+        with torch.no_grad():
+            ref.router.weight.zero_()
+            ref.router.weight[hot_expert] = 3.0
+    layer = copy.deepcopy(ref)
+    layer.experts.shard_(topo.coord("ep"), ep)
+    if ep > 1:
+        layer.comm = ProcessGroupExpertComm(topo.groups["ep"])
+
+    torch.manual_seed(100 + rank)  # different tokens on every rank
+    x = torch.randn(3, 5, D).abs() if hot_expert is not None else torch.randn(3, 5, D)
+    g = torch.randn(3, 5, D)
+    x_ref, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, _ = ref(x_ref)
+    y_ep, route = layer(x_ep)
+    torch.testing.assert_close(y_ep, y_ref, **TOL)
+    y_ref.backward(g)
+    y_ep.backward(g)
+    torch.testing.assert_close(x_ep.grad, x_ref.grad, **TOL)
+    torch.testing.assert_close(layer.router.weight.grad, ref.router.weight.grad, **TOL)
+    # An expert's gradient on its owner holds the contributions of the whole ep group's tokens.
+    lo, n = layer.experts.expert_offset, layer.experts.num_local_experts
+    for name, p in layer.experts.named_parameters():
+        want = getattr(ref.experts, name).grad.clone()
+        if ep > 1:
+            dist.all_reduce(want, group=topo.groups["ep"])
+        assert p.grad is not None, f"{name} has no gradient on rank {rank}"
+        torch.testing.assert_close(p.grad, want[lo : lo + n], **TOL, msg=name)
+    return route.counts_E.tolist()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("ep", [2, 4])
+def test_moe_layer_ep_equals_ep1(ep):
+    run_distributed(_layer_equivalence, world_size=4, args=(ep, 2, None), timeout_s=120)
+
+
+@pytest.mark.distributed
+def test_all_tokens_on_one_expert_with_ep4():
+    # Expert 5 lives on rank 2: ranks 0, 1, 3 receive nothing, rank 2 receives everything.
+    counts = run_distributed(_layer_equivalence, world_size=4, args=(4, 1, 5), timeout_s=120)
+    assert all(c == [0, 0, 0, 0, 0, 15, 0, 0] for c in counts)
+
+
+def _train_step_equivalence(rank, world, ep):
+    """dp=world, ep: one AdamW step with clipping equals the reference that averages the
+    per-rank losses on one process (the data-parallel objective), parameter by parameter."""
+    topo = Topology.create(Layout(world_size=world, dp=world, ep=ep))
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, ffn_hidden=64, max_seq_len=16)
+    moe = MoEConfig(num_experts=E, top_k=2, expert_hidden=16, aux_loss_coef=0.1, z_loss_coef=0.01)
+    train = TrainConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.5)
+    torch.manual_seed(0)
+    ref = TransformerLM(cfg, moe)
+    model = copy.deepcopy(ref)
+    apply_expert_parallel(model, topo)
+    tokens = torch.randint(0, 64, (world, 4, 17), generator=torch.Generator().manual_seed(1))
+
+    ref_losses = []
+    for r in range(world):
+        out = ref(tokens[r, :, :-1], tokens[r, :, 1:])
+        (out.loss / world).backward()
+        ref_losses.append(out.loss.item())
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), train.grad_clip)
+    build_optimizer(list(ref.parameters()), train).step()
+
+    out = model(tokens[rank, :, :-1], tokens[rank, :, 1:])
+    out.loss.backward()
+    assert abs(out.loss.item() - ref_losses[rank]) < 1e-5
+    dense, expert = split_parameters(model)
+    reduce_gradients(dense, expert, topo)
+    norm = clip_gradients_(dense, expert, train.grad_clip, topo)
+    torch.testing.assert_close(norm, ref_norm, **TOL)
+    build_optimizer(dense + expert, train).step()
+
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        want = ref_params[name].detach()
+        if name.endswith(("w1_EDF", "w3_EDF", "w2_EFD")):
+            lo = topo.coord("ep") * (E // ep)
+            want = want[lo : lo + E // ep]
+        torch.testing.assert_close(p.detach(), want, **TOL, msg=f"{name} after one step")
+    return norm.item()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("ep", [1, 2, 4])
+def test_dp4_training_step_equals_reference_for_every_ep(ep):
+    """ep=1: edp=4; ep=2: edp=2; ep=4: edp=1. Expert grads neither doubled nor divided by ep."""
+    norms = run_distributed(_train_step_equivalence, world_size=4, args=(ep,), timeout_s=180)
+    assert len(set(round(n, 6) for n in norms)) == 1  # every rank clips by the same norm

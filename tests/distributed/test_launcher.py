@@ -1,0 +1,169 @@
+"""The real entry point under torchrun, Slurm-style variables and a single process.
+
+These run `python -m launcher.train` as users do, each with a timeout, and read what the run
+leaves behind (summary.json, TensorBoard events, the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher.config import load_config
+from model.transformer import TransformerLM
+from parallel.checkpoint import load_full_checkpoint
+from trainer.data import eval_batches, load_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = "configs/cpu_tiny.yaml"
+# A few-second model for the tests that check plumbing rather than learning.
+SMALL = ["--model.dim=32", "--model.n_layers=2", "--model.n_heads=2", "--moe.expert_hidden=32",
+         "--train.micro_batch_size=2", "--train.seq_len=32", "--train.eval_batches=2"]
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "SLURM_", "TORCHELASTIC"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           "--standalone", "-m", "launcher.train", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_default_run_learns_and_its_checkpoint_reproduces_the_eval_loss(tmp_path):
+    """4 ranks, ep=4, the built-in data: held-out loss falls well below ln(256) = 5.55."""
+    run_dir = tmp_path / "run"
+    steps = 40
+    proc = torchrun(4, "--config", TINY, f"--train.steps={steps}", "--train.eval_interval=20",
+                    f"--logging.run_dir={run_dir}", "--logging.heatmap_interval=20")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(json.dumps(summary["evals"]))
+    first, last = summary["evals"][0]["eval_loss"], summary["final_eval_loss"]
+    assert last < 3.2 < math.log(256), summary
+    assert last < first
+
+    assert (run_dir / "config.yaml").is_file()
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss", "eval/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                "train/aux_loss", "train/z_loss", "moe/layer0/max_over_mean",
+                "moe/layer3/busiest_expert_fraction", "moe/router_entropy"):
+        assert tag in tags["scalars"], tag
+    assert "moe/expert_load" in tags["images"]
+
+    # The checkpoint holds the global-shape weights: loaded at ep=1 in this one process, it
+    # reproduces the eval loss the 4 ranks computed together (mean over their eval shards).
+    job = load_config(["--config", TINY])
+    model = TransformerLM(job.model, job.moe)
+    meta = load_full_checkpoint(summary["checkpoint"], model)
+    assert meta["step"] == steps and meta["layout"]["ep"] == 4
+    corpus = load_corpus(job.data)
+    losses = []
+    with torch.no_grad():
+        model.eval()
+        for dp_rank in range(4):
+            batches = eval_batches(corpus.val, job.train.seq_len, job.train.micro_batch_size,
+                                   dp_rank, 4, job.train.eval_batches)
+            losses += [model(x, y).lm_loss.item() for x, y in batches]
+    assert sum(losses) / len(losses) == pytest.approx(last, abs=1e-4)
+
+
+BAD_INPUT = [
+    (["--moe.num_experts=5", "--parallel.ep=2", "--parallel.dp=2"],
+     "moe.num_experts (5) must be divisible by parallel.ep (2)"),
+    (["--moe.top_k=9"], "moe.top_k (9) must be between 1 and moe.num_experts (8)"),
+    (["--parallel.dp=2", "--parallel.ep=4"], "parallel.ep (4) must divide parallel.dp (2)"),
+    ([], "WORLD_SIZE (2) must equal parallel.dp (4) x tp (1)"),
+    (["--data.source=text", "--data.path=/nonexistent/corpus"], "data.path (/nonexistent/corpus) does not exist"),
+    (["--moe.top_kk=2"], "unknown config key 'moe.top_kk' (did you mean 'moe.top_k'?)"),
+    (["--train.steps=ten"], "train.steps must be an integer, got 'ten'"),
+]
+
+
+def launch_ranks(world: int, *args: str, timeout: float = 120) -> list[tuple[int, str, str]]:
+    """Start `world` processes with the variables torchrun would set, but no agent: unlike
+    torchrun, which stops the other workers at the first failure, every rank runs to its
+    own end, so each rank's own message can be checked."""
+    procs = []
+    for rank in range(world):
+        env = _env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+        cmd = [sys.executable, "-m", "launcher.train", *args]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("overrides, message", BAD_INPUT, ids=[m.split(" ")[0] for _, m in BAD_INPUT])
+def test_bad_input_fails_on_every_rank_before_any_collective(overrides, message, tmp_path):
+    # MASTER_PORT=1 cannot be joined: a rank that got as far as a collective would fail
+    # differently, so exit code 2 and the message prove the check came first.
+    results = launch_ranks(2, "--config", TINY, f"--logging.run_dir={tmp_path}", *overrides)
+    for rank, (code, _, err) in enumerate(results):
+        assert code == 2, err[-3000:]
+        assert f"[rank {rank}] config error: {message}" in err, err[-3000:]
+        assert "Traceback" not in err
+
+
+@pytest.mark.distributed
+def test_bad_input_under_torchrun_ends_the_job_quickly(tmp_path):
+    proc = torchrun(2, "--config", TINY, f"--logging.run_dir={tmp_path}", "--moe.top_k=9", timeout=120)
+    assert proc.returncode != 0
+    assert "config error: moe.top_k (9) must be between 1 and moe.num_experts (8)" in proc.stderr
+
+
+@pytest.mark.distributed
+def test_yaml_key_that_does_not_exist(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("moe:\n  capacity: 2\n")
+    for rank, (code, _, err) in enumerate(launch_ranks(2, "--config", str(bad))):
+        assert code == 2 and f"[rank {rank}] config error: unknown config key 'moe.capacity'" in err, err
+
+
+@pytest.mark.distributed
+def test_slurm_launch_without_torchrun(tmp_path):
+    """`srun python -m launcher.train` sets SLURM_* only: two such tasks train together."""
+    procs = []
+    for rank in range(2):
+        env = _env(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+                   SLURM_TASKS_PER_NODE="2", SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost",
+                   SLURM_JOB_ID=str(40000 + os.getpid() % 10000))
+        cmd = [sys.executable, "-m", "launcher.train", "--config", TINY, "--parallel.dp=2",
+               "--parallel.ep=2", "--train.steps=3", f"--logging.run_dir={tmp_path}", *SMALL]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    assert "launch: slurm" in outputs[0][0]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 3
+
+
+@pytest.mark.distributed
+def test_single_process_without_a_launcher(tmp_path):
+    cmd = [sys.executable, "-m", "launcher.train", "--config", TINY, "--parallel.dp=null",
+           "--parallel.ep=1", "--train.steps=2", f"--logging.run_dir={tmp_path}", *SMALL]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launch: single" in proc.stdout and "world 1 = dp 1" in proc.stdout
+    assert (tmp_path / "checkpoints" / "step_000002.pt").is_file()
