@@ -20,10 +20,10 @@ from launcher.config import JobConfig, describe_schema, load_config
 from launcher.env import DistEnv, choose_backend, device_for, init_distributed, read_env, shutdown_distributed
 from model.errors import ConfigError
 from model.transformer import TransformerLM
-from parallel.expert_parallel import apply_expert_parallel
 from parallel.checkpoint import load_full_checkpoint
+from parallel.expert_parallel import apply_expert_parallel
 from parallel.topology import Layout, Topology
-from trainer.data import Corpus, ShardedSampler, load_corpus
+from trainer.data import Corpus, RankData, load_corpus, rank_data
 from trainer.loop import Trainer
 
 USAGE = """usage: torchrun --nproc_per_node=N -m launcher.train [--config FILE] [--section.key=value ...]
@@ -33,17 +33,26 @@ command line; later overrides win. Unknown keys are rejected.
 """
 
 
-def prepare(argv: list[str], env: DistEnv) -> tuple[JobConfig, Layout, str, Corpus]:
-    """All input checks, no collectives: config, layout, backend, data."""
+def prepare(argv: list[str], env: DistEnv) -> tuple[JobConfig, Layout, str, Corpus, RankData]:
+    """All input checks, no collectives: config, layout, backend, run dir, data."""
     job = load_config(argv)
     layout = job.validate(env.world_size)
     backend = choose_backend(job.parallel.backend)
+    check_writable(Path(job.logging.run_dir))
     corpus = load_corpus(job.data)
-    # Building a sampler checks that there is enough data for one global micro-step.
-    coords = layout.coords(env.rank)
-    ShardedSampler(corpus.train, job.train.seq_len, job.train.micro_batch_size,
-                   coords["dp"], layout.dp, job.train.seed, vocab_size=job.model.vocab_size)
-    return job, layout, backend, corpus
+    data = rank_data(corpus, job.train, job.model.vocab_size, layout.coords(env.rank)["dp"], layout.dp)
+    return job, layout, backend, corpus, data
+
+
+def check_writable(run_dir: Path) -> None:
+    """Every rank creates the run dir (idempotent), so an unusable one is the same clear
+    error on every rank before any collective, not an exception on rank 0 and a hang."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"logging.run_dir ({run_dir}) cannot be created: {exc.strerror}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"logging.run_dir ({run_dir}) is not writable")
 
 
 def build_model(job: JobConfig, topology: Topology, device: torch.device) -> TransformerLM:
@@ -58,12 +67,11 @@ def build_model(job: JobConfig, topology: Topology, device: torch.device) -> Tra
 
 def run(argv: list[str]) -> dict:
     env = read_env()
-    job, layout, backend, corpus = prepare(argv, env)
+    job, layout, backend, corpus, data = prepare(argv, env)
     if job.train.deterministic:
         torch.use_deterministic_algorithms(True)
     run_dir = Path(job.logging.run_dir)
     if env.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(job.to_yaml())
         print(f"resolved config (saved to {run_dir / 'config.yaml'}):\n{job.to_yaml()}")
         print(f"launch: {env.launcher}, backend {backend}, {corpus.description}")
@@ -72,8 +80,9 @@ def run(argv: list[str]) -> dict:
         topology = Topology.create(layout)
         if env.rank == 0:
             print(f"topology: {topology.describe()}")
-        model = build_model(job, topology, device_for(backend, env.local_rank))
-        summary = Trainer(job, model, topology, device_for(backend, env.local_rank), corpus, run_dir).fit()
+        device = device_for(backend, env.local_rank)
+        model = build_model(job, topology, device)
+        summary = Trainer(job, model, topology, device, data).fit()
         if env.rank == 0:
             print(f"done: {summary['steps']} steps in {summary['elapsed_s']:.1f}s, "
                   f"final eval loss {summary['final_eval_loss']:.4f}, "

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from model.errors import ConfigError
-from trainer.config import DataConfig
+from trainer.config import DataConfig, TrainConfig
 
 _EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__")
 
@@ -225,3 +225,22 @@ def eval_batches(tokens, seq_len: int, micro_batch_size: int, dp_rank: int, dp_s
     sampler = ShardedSampler(tokens, seq_len, micro_batch_size, dp_rank, dp_size, seed=0,
                              shuffle=False, vocab_size=vocab_size, what="held-out data")
     return [sampler.batch(m) for m in range(num_batches)]
+
+
+@dataclass(frozen=True, eq=False)
+class RankData:
+    """What one dp rank reads: its training sampler and its fixed held-out batches."""
+
+    sampler: ShardedSampler
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def rank_data(corpus: Corpus, train: TrainConfig, vocab_size: int, dp_rank: int, dp_size: int) -> RankData:
+    """Build (and so check: enough windows, tokens < vocab_size) this rank's data.
+
+    Called before any process group exists, so a data set that cannot feed the layout fails
+    with a ConfigError on every rank instead of inside a collective."""
+    common = dict(seq_len=train.seq_len, micro_batch_size=train.micro_batch_size,
+                  dp_rank=dp_rank, dp_size=dp_size, vocab_size=vocab_size)
+    return RankData(ShardedSampler(corpus.train, seed=train.seed, **common),
+                    eval_batches(corpus.val, num_batches=train.eval_batches, **common))

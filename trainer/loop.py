@@ -20,7 +20,7 @@ from parallel.checkpoint import save_full_checkpoint
 from parallel.data_parallel import clip_gradients_, reduce_gradients
 from parallel.expert_parallel import split_parameters
 from parallel.topology import Topology
-from trainer.data import Corpus, ShardedSampler, eval_batches
+from trainer.data import RankData
 from trainer.metrics import MetricsWriter, Throughput, expert_load_stats, load_heatmap
 from trainer.optim import build_optimizer, lr_at, set_lr
 
@@ -30,33 +30,30 @@ class _Window:
     """Sums of this rank's step statistics since the last log (reduced over dp at log time)."""
 
     steps: int = 0
-    values: torch.Tensor = field(default_factory=lambda: torch.zeros(4))  # lm, aux, z, entropy
-    counts_LE: torch.Tensor | None = None
+    losses: torch.Tensor = field(default_factory=lambda: torch.zeros(3))  # lm, aux, z
+    entropy_L: torch.Tensor | int = 0
+    counts_LE: torch.Tensor | int = 0
 
     def add(self, out, accum: int) -> None:
-        entropy = out.router_entropy_L.mean() if out.router_entropy_L.numel() else out.lm_loss * 0
-        stats = torch.stack([out.lm_loss, out.aux_loss, out.z_loss, entropy]).detach().cpu()
-        self.values += stats / accum
-        counts = out.expert_counts_LE.detach().cpu()
-        self.counts_LE = counts if self.counts_LE is None else self.counts_LE + counts
+        losses = torch.stack([out.lm_loss, out.aux_loss, out.z_loss]).detach().cpu()
+        self.losses += losses / accum
+        self.entropy_L = self.entropy_L + out.router_entropy_L.detach().cpu() / accum
+        self.counts_LE = self.counts_LE + out.expert_counts_LE.detach().cpu()
 
 
 class Trainer:
-    def __init__(self, job, model, topology: Topology, device: torch.device, corpus: Corpus, run_dir: Path):
+    def __init__(self, job, model, topology: Topology, device: torch.device, data: RankData):
         self.job, self.cfg, self.model, self.topology = job, job.train, model, topology
-        self.device, self.run_dir = device, Path(run_dir)
+        self.device, self.run_dir = device, Path(job.logging.run_dir)
         self.dense, self.expert = split_parameters(model)
         self.optimizer = build_optimizer(self.dense + self.expert, self.cfg)
-        dp_rank, dp = topology.coord("dp"), topology.size("dp")
-        common = dict(seq_len=self.cfg.seq_len, micro_batch_size=self.cfg.micro_batch_size,
-                      dp_rank=dp_rank, dp_size=dp)
-        self.sampler = ShardedSampler(corpus.train, seed=self.cfg.seed,
-                                      vocab_size=job.model.vocab_size, **common)
-        self.val = eval_batches(corpus.val, num_batches=self.cfg.eval_batches, **common)
+        self.sampler, self.val = data.sampler, data.val_batches
         self.is_main = topology.rank == 0
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main and job.logging.tensorboard)
-        self.tokens_per_step = dp * self.cfg.micro_batch_size * self.cfg.grad_accum * self.cfg.seq_len
+        self.tokens_per_step = (topology.size("dp") * self.cfg.micro_batch_size
+                                * self.cfg.grad_accum * self.cfg.seq_len)
         self.step = 0
+        self.last_heatmap = 0
         self.history: list[dict] = []
 
     def train_step(self, window: _Window) -> torch.Tensor:
@@ -90,20 +87,22 @@ class Trainer:
     def _log(self, window: _Window, norm: torch.Tensor, rate: float) -> dict:
         """Reduce the window over dp and write scalars; returns them. Collective."""
         dp_group, dp = self.topology.groups["dp"], self.topology.size("dp")
-        values = (window.values / window.steps).to(self.device)
-        dist.all_reduce(values, group=dp_group)
-        values = (values / dp).tolist()
-        scalars = {"train/loss": values[0], "train/aux_loss": values[1], "train/z_loss": values[2],
+        losses = (window.losses / window.steps).to(self.device)
+        dist.all_reduce(losses, group=dp_group)
+        lm, aux, z = (losses / dp).tolist()
+        scalars = {"train/loss": lm, "train/aux_loss": aux, "train/z_loss": z,
                    "train/lr": self.optimizer.param_groups[0]["lr"], "train/grad_norm": norm.item(),
                    "train/tokens_per_s": rate}
-        if window.counts_LE is not None and window.counts_LE.numel():
-            counts = window.counts_LE.to(self.device)
+        if isinstance(window.counts_LE, torch.Tensor) and window.counts_LE.numel():
+            counts = window.counts_LE.to(self.device)  # summed over dp: the global load
+            entropy = (window.entropy_L / window.steps).to(self.device)
             dist.all_reduce(counts, group=dp_group)
-            entropy = torch.full((counts.shape[0],), values[3])
-            scalars |= expert_load_stats(counts.cpu(), entropy)
+            dist.all_reduce(entropy, group=dp_group)
+            scalars |= expert_load_stats(counts.cpu(), entropy.cpu() / dp)
             heat_every = self.job.logging.heatmap_interval
-            if heat_every and (self.step % heat_every == 0 or self.step == self.cfg.steps):
+            if heat_every and (self.step - self.last_heatmap >= heat_every or self.step == self.cfg.steps):
                 self.metrics.image("moe/expert_load", load_heatmap(counts.cpu()), self.step)
+                self.last_heatmap = self.step
         self.metrics.scalars(self.step, scalars)
         return scalars
 
@@ -134,8 +133,9 @@ class Trainer:
                 eval_loss = self.evaluate()
                 self.metrics.scalars(self.step, {"eval/loss": eval_loss})
                 self.history.append({"step": self.step, "eval_loss": eval_loss})
-                bar.write(f"step {self.step}: eval loss {eval_loss:.4f}") if self.is_main else None
-            if ck.interval and self.step % ck.interval == 0 and not last:
+                if self.is_main:
+                    bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
+            if ck.interval and self.step % ck.interval == 0 and not (last and ck.save_final):
                 self.save(f"step_{self.step:06d}.pt")
         bar.close()
         elapsed = time.perf_counter() - start

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -34,7 +35,9 @@ def _child(fn, rank, world_size, store_path, timeout_s, args, results):
             timeout=datetime.timedelta(seconds=timeout_s),
         )
         try:
-            results.put((rank, "ok", fn(rank, world_size, *args)))
+            # Plain pickle to bytes: tensors travel by value. multiprocessing's own pickler
+            # would share their memory through the child, which is gone when the parent reads.
+            results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - every failure is reported to the parent
@@ -87,4 +90,4 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 12
             lines.append(f"ranks {missing} did not report within {timeout_s:.0f}s, or within "
                          f"{ERROR_GRACE_S:.0f}s of another rank failing (hang or crash); killed")
         raise AssertionError("\n".join(lines + errors))
-    return [outcome[r][1] for r in range(world_size)]
+    return [pickle.loads(outcome[r][1]) for r in range(world_size)]

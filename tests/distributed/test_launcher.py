@@ -96,6 +96,7 @@ BAD_INPUT = [
     (["--data.source=text", "--data.path=/nonexistent/corpus"], "data.path (/nonexistent/corpus) does not exist"),
     (["--moe.top_kk=2"], "unknown config key 'moe.top_kk' (did you mean 'moe.top_k'?)"),
     (["--train.steps=ten"], "train.steps must be an integer, got 'ten'"),
+    (["--parallel.dp=2", "--parallel.ep=2", "--logging.run_dir=/dev/null/run"], "logging.run_dir (/dev/null/run) cannot be created"),
 ]
 
 
