@@ -12,7 +12,6 @@ import datetime
 import itertools
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -213,19 +212,15 @@ def device_for(backend: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
 
 
-_store_path: str | None = None  # the world-of-one FileStore, removed by shutdown_distributed
-
-
 def init_distributed(env: DistEnv, backend: str, timeout_s: float) -> None:
     """Join the process group described by ``env`` (``backend`` from choose_backend).
 
     A world of one ALSO gets a process group, so the trainer has one code path whose
     collectives are no-ops instead of ``if distributed`` branches everywhere. It meets through
-    a FileStore in a temporary file, not a TCP port: no port to race for, no socket opened.
-    It keeps the given backend (gloo on CPU; nccl on one GPU, so collectives on CUDA tensors
-    behave as in a larger job).
+    an in-memory HashStore: no port to race for, no socket, no file to clean up. It keeps the
+    given backend (gloo on CPU; nccl on one GPU, so collectives on CUDA tensors behave as in
+    a larger job).
     """
-    global _store_path
     if dist.is_initialized():
         raise RuntimeError("init_distributed called twice; the process group already exists")
     if timeout_s <= 0:
@@ -236,18 +231,12 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float) -> None:
     if env.is_distributed:
         dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
                                 rank=env.rank, world_size=env.world_size, timeout=timeout)
-        return
-    fd, _store_path = tempfile.mkstemp(prefix="moe-single-store-")
-    os.close(fd)
-    dist.init_process_group(backend, store=dist.FileStore(_store_path, 1), rank=0,
-                            world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
 
 
 def shutdown_distributed() -> None:
-    """Destroy the group if one exists (safe to call twice) and remove a world-of-one store."""
-    global _store_path
+    """Destroy the process group if one exists (safe to call twice)."""
     if dist.is_initialized():
         dist.destroy_process_group()
-    if _store_path is not None and os.path.exists(_store_path):
-        os.remove(_store_path)
-    _store_path = None
