@@ -207,7 +207,7 @@ class ShardedSampler:
         if self.vocab_size is not None:  # cheap per batch; token files can hold anything
             lo, hi = int(windows.min()), int(windows.max())
             if hi >= self.vocab_size or lo < 0:
-                    raise ConfigError(f"token {hi if hi >= self.vocab_size else lo} at micro-step "
+                raise ConfigError(f"token {hi if hi >= self.vocab_size else lo} at micro-step "
                                   f"{micro_step} is outside [0, vocab_size={self.vocab_size})")
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
@@ -240,7 +240,24 @@ def rank_data(corpus: Corpus, train: TrainConfig, vocab_size: int, dp_rank: int,
 
     Called before any process group exists, so a data set that cannot feed the layout fails
     with a ConfigError on every rank instead of inside a collective."""
+    check_vocab(corpus, vocab_size)
     common = dict(seq_len=train.seq_len, micro_batch_size=train.micro_batch_size,
                   dp_rank=dp_rank, dp_size=dp_size, vocab_size=vocab_size)
     return RankData(ShardedSampler(corpus.train, seed=train.seed, **common),
                     eval_batches(corpus.val, num_batches=train.eval_batches, **common))
+
+
+def check_vocab(corpus: Corpus, vocab_size: int) -> None:
+    """Every token id must be < vocab_size. Byte corpora need no scan; a token file is scanned
+    once (sequentially, through the page cache) when its dtype can hold larger ids, so a bad
+    file fails on every rank at start-up rather than on one rank mid-run."""
+    for name, part in (("train", corpus.train), ("held-out", corpus.val)):
+        dtype = part.dtype
+        limit = torch.iinfo(dtype).max if isinstance(part, torch.Tensor) else np.iinfo(dtype).max
+        if limit < vocab_size and (isinstance(part, torch.Tensor) or part.dtype.kind == "u"):
+            continue
+        lo, hi = int(part.min()), int(part.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = hi if hi >= vocab_size else lo
+            raise ConfigError(f"{name} data holds token {bad}, outside [0, model.vocab_size="
+                              f"{vocab_size}): {corpus.description}")

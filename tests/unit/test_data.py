@@ -290,3 +290,18 @@ def test_eval_batches_wrap_when_small():
     assert [len(b) for b in runs] == [5, 5]
     rank0 = [int(i) // 8 for x, _ in runs[0] for i in x[:, 0]]
     assert rank0 == [0, 1, 4, 5, 2, 3, 0, 1, 4, 5]  # global stream 0..19 mod 6, rank 0's share
+
+
+def test_token_file_with_ids_beyond_the_vocabulary_is_refused_at_start(tmp_path):
+    from trainer.config import TrainConfig
+    from trainer.data import rank_data
+
+    ids = np.arange(2000, dtype=np.uint16) % 256
+    ids[1500] = 300
+    path = tmp_path / "ids.bin"
+    ids.tofile(path)
+    corpus = load_corpus(DataConfig(source="tokens", path=str(path), holdout_fraction=0.1))
+    train = TrainConfig(seq_len=16, micro_batch_size=2, eval_batches=1)
+    with pytest.raises(ConfigError, match=r"train data holds token 300, outside \[0, model.vocab_size=256\)"):
+        rank_data(corpus, train, vocab_size=256, dp_rank=0, dp_size=1)
+    assert len(rank_data(corpus, train, vocab_size=512, dp_rank=0, dp_size=1).val_batches) == 1
