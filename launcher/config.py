@@ -46,8 +46,19 @@ class JobConfig:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         m, moe, par, tr = self.model, self.moe, self.parallel, self.train
-        dp = par.dp if par.dp is not None else world_size
-        layout = Layout(world_size=world_size, dp=dp, ep=par.ep)
+        if par.dp is None and world_size % par.tp:
+            raise ConfigError(f"WORLD_SIZE ({world_size}) must be divisible by parallel.tp ({par.tp})")
+        dp = par.dp if par.dp is not None else world_size // par.tp
+        layout = Layout(world_size=world_size, dp=dp, ep=par.ep, tp=par.tp)
+        for name, value in (("model.n_heads", m.n_heads), ("model.ffn_hidden", m.ffn_hidden)):
+            if value % par.tp:
+                raise ConfigError(f"{name} ({value}) must be divisible by parallel.tp ({par.tp})")
+        tokens = tr.micro_batch_size * tr.seq_len
+        if tokens % par.tp:
+            raise ConfigError(
+                f"tokens per micro-batch, train.micro_batch_size x train.seq_len ({tokens}), must "
+                f"be divisible by parallel.tp ({par.tp}): each tp rank dispatches 1/tp of them"
+            )
         if moe.num_experts % par.ep:
             raise ConfigError(
                 f"moe.num_experts ({moe.num_experts}) must be divisible by parallel.ep ({par.ep})"

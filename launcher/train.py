@@ -22,6 +22,7 @@ from model.errors import ConfigError
 from model.transformer import TransformerLM
 from parallel.checkpoint import load_full_checkpoint
 from parallel.expert_parallel import apply_expert_parallel
+from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import Layout, Topology
 from trainer.data import Corpus, RankData, load_corpus, rank_data
 from trainer.loop import Trainer
@@ -56,11 +57,12 @@ def check_writable(run_dir: Path) -> None:
 
 
 def build_model(job: JobConfig, topology: Topology, device: torch.device) -> TransformerLM:
-    """The same seed on every rank gives the same full model; ep then keeps a slice of it."""
+    """The same seed on every rank gives the same full model; tp and ep then keep slices."""
     torch.manual_seed(job.train.seed)
     model = TransformerLM(job.model, job.moe)
     if job.checkpoint.init_from:
         load_full_checkpoint(job.checkpoint.init_from, model)
+    apply_tensor_parallel(model, topology)
     apply_expert_parallel(model, topology)
     return model.to(device)
 

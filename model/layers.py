@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.tp import LocalTP, TensorParallelComm
 
 
 class RMSNorm(nn.Module):
@@ -43,34 +44,47 @@ def apply_rotary(x_BHSDh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 class Attention(nn.Module):
     """Causal multi-head self-attention with rotary positions.
 
-    `wqkv` and `wo` are the column- and row-parallel pair for tensor parallelism (next issue).
+    Tensor parallelism splits the heads: wq, wk, wv are column-parallel (each rank keeps the
+    rows of its heads), wo is row-parallel (the matching input columns); `tp.exit` sums the
+    partial outputs. Separate q/k/v matrices keep every shard one contiguous slice.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads = cfg.n_heads
+        self.n_heads = cfg.n_heads  # heads on this rank: n_heads / tp after parallelisation
         self.head_dim = cfg.dim // cfg.n_heads
-        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.tp: TensorParallelComm = LocalTP()
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        qkv = self.wqkv(x_BSD).view(B, S, 3, self.n_heads, self.head_dim)
-        q_BHSDh, k_BHSDh, v_BHSDh = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        x_BSD = self.tp.enter(x_BSD)
+        q_BHSDh, k_BHSDh, v_BHSDh = (
+            w(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+            for w in (self.wq, self.wk, self.wv)
+        )
         q_BHSDh = apply_rotary(q_BHSDh, cos[:S], sin[:S])
         k_BHSDh = apply_rotary(k_BHSDh, cos[:S], sin[:S])
         out_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, is_causal=True)
-        return self.wo(out_BHSDh.transpose(1, 2).reshape(B, S, -1))
+        return self.tp.exit(self.wo(out_BHSDh.transpose(1, 2).reshape(B, S, -1)))
 
 
 class SwiGLU(nn.Module):
-    """Dense feed-forward: w2(silu(w1 x) * w3 x). Also the reference for one MoE expert."""
+    """Dense feed-forward: w2(silu(w1 x) * w3 x). Also the reference for one MoE expert.
+
+    Tensor parallelism: w1 and w3 column-parallel, w2 row-parallel, one all-reduce at exit.
+    """
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
         self.w3 = nn.Linear(dim, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+        self.tp: TensorParallelComm = LocalTP()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        x = self.tp.enter(x)
+        return self.tp.exit(self.w2(F.silu(self.w1(x)) * self.w3(x)))

@@ -1,7 +1,7 @@
 """Plain full checkpoints: model weights at their global shape in one file.
 
-Expert tensors are gathered over the expert-parallel group onto the global expert axis, so a
-file saved at any ep loads at any other ep. This is the simple format for final weights and
+Expert tensors are gathered over the expert-parallel group onto the global expert axis and
+tensor-parallel shards over the tp group, so a file saved at any (dp, tp, ep) loads at any other. This is the simple format for final weights and
 for `checkpoint.init_from`; it does not carry optimizer state (the reshardable, sharded
 format with optimizer and data state is a later piece of work).
 
@@ -25,27 +25,33 @@ from parallel.topology import Topology
 FORMAT = "moe-train/full-v1"
 
 
-def _expert_tensors(model: nn.Module) -> dict[str, tuple[nn.Parameter, int, int]]:
-    """name -> (local tensor, global expert offset, global expert count) for expert weights."""
-    owner = {}
-    for layer in model.moe_layers():
-        experts = layer.experts
-        for p in experts.parameters():
-            owner[id(p)] = (experts.expert_offset, experts.num_global_experts)
-    return {n: (p, *owner[id(p)]) for n, p in model.named_parameters() if id(p) in owner}
+def _gather(tensor: torch.Tensor, group, size: int, dim: int) -> torch.Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def gather_global(model: nn.Module, topology: Topology, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bring per-parameter tensors (weights, gradients, optimizer moments) named like the
+    model's parameters to their global shape on every rank: experts gathered over the ep group
+    along the expert axis, tensor-parallel shards over the tp group along their split dim.
+    Collective: every rank must pass the same names in the same order."""
+    experts = {id(p) for layer in model.moe_layers() for p in layer.experts.parameters()}
+    params = dict(model.named_parameters())
+    out = {}
+    for name, tensor in local.items():
+        param = params.get(name)
+        if param is not None and id(param) in experts and topology.size("ep") > 1:
+            tensor = _gather(tensor, topology.groups["ep"], topology.size("ep"), 0)
+        elif param is not None and hasattr(param, "tp_partition_dim"):
+            tensor = _gather(tensor, topology.groups["tp"], topology.size("tp"), param.tp_partition_dim)
+        out[name] = tensor.detach().cpu().clone()
+    return out
 
 
 def full_state_dict(model: nn.Module, topology: Topology) -> dict[str, torch.Tensor]:
-    """Every parameter at its global shape, on every rank. Collective over the ep group."""
-    experts = _expert_tensors(model)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name in experts and topology.size("ep") > 1:
-            parts = [torch.empty_like(tensor) for _ in range(topology.size("ep"))]
-            dist.all_gather(parts, tensor.contiguous(), group=topology.groups["ep"])
-            tensor = torch.cat(parts)
-        state[name] = tensor.detach().cpu().clone()
-    return state
+    """The model's state at its global shape, on every rank. Collective."""
+    return gather_global(model, topology, model.state_dict())
 
 
 def save_full_checkpoint(
@@ -74,35 +80,24 @@ def save_full_checkpoint(
 
 
 def load_full_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
-    """Load global-shape weights into a (possibly expert-sharded) model; returns the file's
-    metadata. Every tensor is checked before any is copied, so a mismatch changes nothing."""
+    """Load global-shape weights into a model built plainly, BEFORE any parallel transform
+    (which then keeps this rank's shards); returns the file's metadata. Every tensor is checked
+    before any is copied, so a mismatch changes nothing."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a {FORMAT} checkpoint")
-    saved = ckpt["model"]
-    experts = _expert_tensors(model)
-    own = model.state_dict()
+    saved, own = ckpt["model"], model.state_dict()
     missing = sorted(set(own) - set(saved))
     unexpected = sorted(set(saved) - set(own))
     if missing or unexpected:
         raise ConfigError(f"{path}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
-    pieces = {}
     for name, tensor in own.items():
-        src = saved[name]
-        want = tuple(tensor.shape)
-        if name in experts:
-            _, offset, num_global = experts[name]
-            want = (num_global, *tensor.shape[1:])
-            src_piece = src[offset : offset + tensor.shape[0]]
-        else:
-            src_piece = src
-        if tuple(src.shape) != want:
+        if saved[name].shape != tensor.shape:
             raise ConfigError(
-                f"{path}: tensor {name} has shape {tuple(src.shape)} in the checkpoint but the "
-                f"model needs {want}"
+                f"{path}: tensor {name} has shape {tuple(saved[name].shape)} in the checkpoint "
+                f"but the model needs {tuple(tensor.shape)}"
             )
-        pieces[name] = src_piece
     with torch.no_grad():
         for name, tensor in own.items():
-            tensor.copy_(pieces[name])
+            tensor.copy_(saved[name])
     return {k: v for k, v in ckpt.items() if k != "model"}

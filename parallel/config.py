@@ -11,16 +11,18 @@ DIST_BACKENDS = ("auto", "gloo", "nccl")
 
 @dataclass
 class ParallelConfig:
-    """How the world of ranks is split. Dense layout: world = dp (x tp, next issue).
+    """How the world of ranks is split. Dense layout: world = dp x tp, tp ranks adjacent.
 
-    Expert parallelism is carved out of data parallelism: the dp ranks are cut into groups of
-    ep consecutive ranks that hold disjoint slices of the experts; ranks at the same position
-    of different groups hold the same experts and form the expert-data-parallel group
-    (size dp / ep). See parallel/topology.py for the rank order.
+    Expert parallelism is carved out of data parallelism: the dp ranks of one tp column are
+    cut into groups of ep consecutive ranks that hold disjoint slices of the experts; all ranks
+    holding the same slice form the expert-data-parallel group (size world / ep). See
+    parallel/topology.py for the rank order.
     """
 
     dp: int | None = None
-    """Data-parallel degree; null = derived from WORLD_SIZE. When set it must match."""
+    """Data-parallel degree; null = WORLD_SIZE / tp. When set, dp x tp must equal WORLD_SIZE."""
+    tp: int = 1
+    """Tensor-parallel degree: attention heads and dense FFN hidden units split over tp ranks."""
     ep: int = 1
     """Expert-parallel degree; must divide dp and moe.num_experts."""
     backend: str = "auto"
@@ -31,6 +33,7 @@ class ParallelConfig:
     def validate(self) -> None:
         if self.dp is not None:
             check_positive("parallel.dp", self.dp)
+        check_positive("parallel.tp", self.tp)
         check_positive("parallel.ep", self.ep)
         check_choice("parallel.backend", self.backend, DIST_BACKENDS)
         if self.timeout_s <= 0:

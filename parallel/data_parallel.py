@@ -6,6 +6,11 @@ its owner already holds sum over the ep group's ranks of d loss_r / d w (the all
 backward brought every token's contribution home). Summing over the edp group adds the other
 ep groups, which gives sum over all dp ranks; dividing by dp gives dL/dw. Dividing by edp
 would scale expert gradients by ep relative to dense ones.
+
+Tensor parallelism keeps the rule: the tp ranks of one dp column compute the same loss; dense
+shards reduce within their own dp group; tp partners hold the same experts and sit in one edp
+group (edp = world / ep), each having dispatched a disjoint slice of the tokens, so summing
+over edp still counts every token of every dp rank exactly once.
 """
 
 from __future__ import annotations
@@ -56,15 +61,24 @@ def global_grad_norm(
 ) -> torch.Tensor:
     """L2 norm of the full model's gradient, the same value on every rank.
 
-    After reduce_gradients dense grads are identical on every rank; expert grads differ across
-    the ep group (different experts), so their squared norms are summed over it.
+    After reduce_gradients every rank of a dp group holds the same grads. Each piece of the
+    model is counted once: replicated dense params locally; tensor-parallel shards summed over
+    the tp group; experts summed over the ep group (which lies inside one tp column, and tp
+    partners hold replicas of the same experts).
     """
     device = (dense + expert)[0].device
-    dense_sq = sum((g.float().pow(2).sum() for g in _grads(dense)), torch.zeros((), device=device))
-    expert_sq = sum((g.float().pow(2).sum() for g in _grads(expert)), torch.zeros((), device=device))
+    sharded = [p for p in dense if getattr(p, "tensor_model_parallel", False)]
+    replicated = [p for p in dense if not getattr(p, "tensor_model_parallel", False)]
+
+    def sq(params):
+        return sum((g.float().pow(2).sum() for g in _grads(params)), torch.zeros((), device=device))
+
+    sharded_sq, expert_sq = sq(sharded), sq(expert)
+    if topology.size("tp") > 1:
+        dist.all_reduce(sharded_sq, group=topology.groups["tp"])
     if topology.size("ep") > 1:
         dist.all_reduce(expert_sq, group=topology.groups["ep"])
-    return (dense_sq + expert_sq).sqrt()
+    return (sq(replicated) + sharded_sq + expert_sq).sqrt()
 
 
 def clip_gradients_(

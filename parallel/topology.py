@@ -10,13 +10,18 @@ between neighbouring ranks (within a node when ranks fill nodes in order):
 
     dp_rank = edp_rank * ep + ep_rank
 
-Ranks with the same ep_rank (and tp_rank) hold the same experts and form the
-expert-data-parallel group, of size edp = dp / ep. Example, world 8, tp 1, ep 4:
-ep groups [0,1,2,3] [4,5,6,7]; edp groups [0,4] [1,5] [2,6] [3,7]; dp group [0..7].
+Experts are not split by tp, so all ranks with the same ep_rank hold the same experts, tp
+partners included, and form the expert-data-parallel group, of size edp = world / ep
+(= dp / ep * tp). Each of them routes different tokens (tp ranks take disjoint token slices),
+so expert gradients are summed over that whole group.
+
+Example, world 8, tp 1, ep 4: ep groups [0,1,2,3] [4,5,6,7]; edp groups [0,4] [1,5] [2,6]
+[3,7]; dp group [0..7]. World 8, tp 2, ep 2 (dp 4): tp groups [0,1] [2,3] [4,5] [6,7];
+dp groups [0,2,4,6] [1,3,5,7]; ep groups [0,2] [4,6] [1,3] [5,7]; edp groups [0,1,4,5]
+[2,3,6,7].
 
 `Layout` is the pure, validated arithmetic (usable before any process group exists);
 `Topology` adds the groups and is created once by the launcher, after validation.
-tp is fixed at 1 in this version; its groups exist so later code has its place.
 """
 
 from __future__ import annotations
@@ -52,17 +57,19 @@ class Layout:
 
     @property
     def edp(self) -> int:
-        """Expert-data-parallel size: replicas of each expert."""
-        return self.dp // self.ep
+        """Expert-data-parallel size: replicas of each expert (tp partners included)."""
+        return self.world_size // self.ep
 
     def coords(self, rank: int) -> dict[str, int]:
+        """This rank's position along each axis (its rank inside each kind of group)."""
         dp_rank, tp_rank = divmod(rank, self.tp)
-        edp_rank, ep_rank = divmod(dp_rank, self.ep)
-        return {"dp": dp_rank, "tp": tp_rank, "ep": ep_rank, "edp": edp_rank}
+        ep_group, ep_rank = divmod(dp_rank, self.ep)
+        return {"dp": dp_rank, "tp": tp_rank, "ep": ep_rank, "ep_group": ep_group,
+                "edp": ep_group * self.tp + tp_rank}
 
     def group_ranks(self, name: str) -> list[list[int]]:
         """Every group of kind `name` ("dp", "tp", "ep", "edp") as sorted rank lists."""
-        keep = {"dp": ("tp",), "tp": ("dp",), "ep": ("tp", "edp"), "edp": ("tp", "ep")}[name]
+        keep = {"dp": ("tp",), "tp": ("dp",), "ep": ("tp", "ep_group"), "edp": ("ep",)}[name]
         groups: dict[tuple[int, ...], list[int]] = {}
         for rank in range(self.world_size):
             c = self.coords(rank)

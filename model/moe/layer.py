@@ -1,6 +1,7 @@
 """The MoE feed-forward layer: route, dispatch, compute, combine.
 
-Shape legend: B batch, S sequence, T = B*S tokens, D model dim, K choices per token.
+Shape legend: B batch, S sequence, T = B*S tokens, D model dim, K choices per token;
+t = T / tp, this tensor-parallel rank's slice of the tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from model.config import MoEConfig
 from model.moe.dispatch import ExpertComm, LocalComm, combine, dispatch
 from model.moe.experts import SwiGLUExperts
 from model.moe.router import RouterOutput, TopKRouter
+from model.tp import LocalTP, TensorParallelComm
 
 
 class MoELayer(nn.Module):
@@ -19,6 +21,12 @@ class MoELayer(nn.Module):
 
     Expert parallelism is applied from outside (parallel.expert_parallel): it shards
     `experts` and injects the expert-parallel `comm`; at ep=1 `comm` is the identity.
+
+    Under tensor parallelism the input is replicated over the tp group. Every tp rank routes
+    all tokens (cheap, and the router and its losses stay replicated), then dispatches only
+    its 1/tp slice of them, so no expert sees a token twice; the outputs are gathered back.
+    `tp.split`'s backward all-gathers the slices' gradients, so the router and the input get
+    the full, identical gradient on every tp rank.
     """
 
     def __init__(self, dim: int, cfg: MoEConfig):
@@ -27,11 +35,16 @@ class MoELayer(nn.Module):
         self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.renormalize)
         self.experts = SwiGLUExperts(cfg.num_experts, dim, cfg.expert_hidden, cfg.expert_impl)
         self.comm: ExpertComm = LocalComm()
+        self.tp: TensorParallelComm = LocalTP()
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         route = self.router(x_TD)
-        x_grouped, plan = dispatch(x_TD, route.topk_idx_TK, self.num_experts, self.comm)
+        # This tp rank's token slice (all of them at tp = 1); T is divisible by tp.
+        x_td, weight_tK = self.tp.split(x_TD), self.tp.split(route.topk_weight_TK)
+        n = x_td.shape[0]
+        idx_tK = route.topk_idx_TK[self.tp.rank * n : (self.tp.rank + 1) * n]
+        x_grouped, plan = dispatch(x_td, idx_tK, self.num_experts, self.comm)
         y_grouped = self.experts(x_grouped, plan.tokens_per_expert)
-        y_TD = combine(y_grouped, route.topk_weight_TK, plan, self.comm)
+        y_TD = self.tp.gather(combine(y_grouped, weight_tK, plan, self.comm))
         return y_TD.view_as(x_BSD), route

@@ -13,7 +13,7 @@ def test_world8_ep4_rank_order():
     assert lay.group_ranks("edp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert lay.group_ranks("dp") == [list(range(8))]
     assert lay.group_ranks("tp") == [[r] for r in range(8)]
-    assert lay.coords(6) == {"dp": 6, "tp": 0, "ep": 2, "edp": 1}
+    assert lay.coords(6) == {"dp": 6, "tp": 0, "ep": 2, "ep_group": 1, "edp": 1}
 
 
 def test_tp_ranks_are_adjacent_and_experts_span_dp():
@@ -21,7 +21,13 @@ def test_tp_ranks_are_adjacent_and_experts_span_dp():
     assert lay.group_ranks("tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert lay.group_ranks("dp") == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert lay.group_ranks("ep") == [[0, 2], [1, 3], [4, 6], [5, 7]]
-    assert lay.group_ranks("edp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    # tp partners hold the same experts (experts are not split by tp): edp = world / ep
+    assert lay.edp == 4 and lay.group_ranks("edp") == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    for rank in range(8):  # the coordinate is the rank's position inside each group
+        c = lay.coords(rank)
+        for kind in ("dp", "tp", "ep", "edp"):
+            group = next(g for g in lay.group_ranks(kind) if rank in g)
+            assert group.index(rank) == c[kind], (rank, kind)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -1,0 +1,144 @@
+"""Tensor parallelism as a transform: shard the dense weights, inject the region collectives.
+
+Attention splits its heads (wq, wk, wv column-parallel, wo row-parallel); the dense SwiGLU
+splits its hidden units (w1, w3 column-parallel, w2 row-parallel). The embedding, the output
+projection, the norms and the router stay replicated: with the byte vocabulary (256) a
+vocabulary-parallel embedding and cross-entropy would save nothing and add two collectives;
+they pay off at 32k+ vocabularies. MoE experts are not split by tp: each tp rank dispatches
+its slice of the tokens (model/moe/layer.py), and tp partners holding the same experts
+reduce their gradients in the expert-data-parallel group.
+
+Every sharded parameter gets `tp_partition_dim` (the dim it was cut along) and
+`tensor_model_parallel = True` (the attribute DeepSpeed and Megatron read); checkpoints and
+the gradient norm use them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.errors import ConfigError
+from model.moe import MoELayer
+from parallel.topology import Topology
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous().clone()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather_dim0(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def _my_slice(x: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    n = x.shape[0] // size
+    return x[rank * n : (rank + 1) * n].contiguous()
+
+
+class _Enter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.comm.group), None
+
+
+class _Exit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        return _all_reduce(x, comm.group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _Split(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return _my_slice(x, comm.rank, comm.size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_dim0(grad, ctx.comm.group, ctx.comm.size), None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return _all_gather_dim0(x, comm.group, comm.size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Downstream of the gather is replicated: every rank holds the same full gradient.
+        return _my_slice(grad, ctx.comm.rank, ctx.comm.size), None
+
+
+class ProcessGroupTP:
+    """model.tp.TensorParallelComm over a torch.distributed tensor-parallel group."""
+
+    def __init__(self, group: dist.ProcessGroup):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def enter(self, x):
+        return _Enter.apply(x, self)
+
+    def exit(self, x):
+        return _Exit.apply(x, self)
+
+    def split(self, x):
+        if x.shape[0] % self.size:
+            raise ValueError(f"tokens ({x.shape[0]}) must be divisible by tp ({self.size})")
+        return _Split.apply(x, self)
+
+    def gather(self, x):
+        return _Gather.apply(x, self)
+
+
+def _shard_(linear: nn.Linear, dim: int, rank: int, size: int) -> None:
+    full = linear.weight.detach()
+    if full.shape[dim] % size:
+        raise ConfigError(f"{tuple(full.shape)} weight cannot be split {size} ways along dim {dim}")
+    piece = full.shape[dim] // size
+    shard = nn.Parameter(full.narrow(dim, rank * piece, piece).clone())
+    shard.tp_partition_dim = dim
+    shard.tensor_model_parallel = True
+    linear.weight = shard
+
+
+def apply_tensor_parallel(model: nn.Module, topology: Topology) -> None:
+    """Keep this tp rank's shard of every attention and dense MLP; inject the tp comm.
+
+    Call on the plainly built (same seed on every rank) model, before the optimizer exists.
+    """
+    tp = topology.size("tp")
+    if tp == 1:
+        return
+    comm, rank = ProcessGroupTP(topology.groups["tp"]), topology.coord("tp")
+    for block in model.layers:
+        attn = block.attention
+        for linear in (attn.wq, attn.wk, attn.wv):
+            _shard_(linear, 0, rank, tp)  # nn.Linear weight is (out, in): rows = output units
+        _shard_(attn.wo, 1, rank, tp)
+        attn.n_heads //= tp
+        attn.tp = comm
+        if isinstance(block.ffn, MoELayer):  # replicated router and experts, token slices
+            block.ffn.tp = comm
+        else:
+            for linear in (block.ffn.w1, block.ffn.w3):
+                _shard_(linear, 0, rank, tp)
+            _shard_(block.ffn.w2, 1, rank, tp)
+            block.ffn.tp = comm
