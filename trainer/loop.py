@@ -54,7 +54,8 @@ class Trainer:
                                 * self.cfg.grad_accum * self.cfg.seq_len)
         self.step = 0
         self.last_heatmap = 0
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # eval losses
+        self.train_history: list[dict] = []  # train loss at every log step
 
     def train_step(self, window: _Window) -> torch.Tensor:
         """One optimizer step; returns the global gradient norm before clipping."""
@@ -126,6 +127,7 @@ class Trainer:
             last = self.step == cfg.steps
             if self.step % log_cfg.log_interval == 0 or last:
                 scalars = self._log(window, norm, throughput.rate())
+                self.train_history.append({"step": self.step, "loss": scalars["train/loss"]})
                 window = _Window()
                 bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
                                 tok_s=f"{scalars['train/tokens_per_s']:.0f}")
@@ -141,7 +143,8 @@ class Trainer:
         elapsed = time.perf_counter() - start
         summary = {"steps": self.step, "final_eval_loss": eval_loss,
                    "final_train_loss": scalars.get("train/loss"), "elapsed_s": elapsed,
-                   "tokens_per_s": self.step * self.tokens_per_step / elapsed, "evals": self.history}
+                   "tokens_per_s": self.step * self.tokens_per_step / elapsed, "evals": self.history,
+                   "train": self.train_history}
         if ck.save_final:
             summary["checkpoint"] = str(self.save(f"step_{self.step:06d}.pt"))
         if self.is_main:
