@@ -84,7 +84,7 @@ def run(argv: list[str]) -> dict:
             print(f"topology: {topology.describe()}")
         device = device_for(backend, env.local_rank)
         model = build_model(job, topology, device)
-        summary = Trainer(job, model, topology, device, data).fit()
+        summary = Trainer(job, model, topology, device, data, env.local_rank).fit()
         if env.rank == 0:
             print(f"done: {summary['steps']} steps in {summary['elapsed_s']:.1f}s, "
                   f"final eval loss {summary['final_eval_loss']:.4f}, "

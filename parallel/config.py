@@ -25,6 +25,10 @@ class ParallelConfig:
     """Tensor-parallel degree: attention heads and dense FFN hidden units split over tp ranks."""
     ep: int = 1
     """Expert-parallel degree; must divide dp and moe.num_experts."""
+    zero_stage: int = 0
+    """0: every rank keeps the full optimizer state of its parameters (our own reductions);
+    1: DeepSpeed ZeRO shards the optimizer state over dp (experts: over edp); 2: also the
+    gradients. 3 is refused: DeepSpeed's ZeRO-3 does not support MoE."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
     timeout_s: float = 300.0
@@ -36,5 +40,12 @@ class ParallelConfig:
         check_positive("parallel.tp", self.tp)
         check_positive("parallel.ep", self.ep)
         check_choice("parallel.backend", self.backend, DIST_BACKENDS)
+        if self.zero_stage == 3:
+            raise ConfigError(
+                "parallel.zero_stage (3) is not available: DeepSpeed's ZeRO-3 refuses MoE "
+                "models (\"Native DeepSpeed MoE is not supported with ZeRO Stage 3\"); use 1 or 2"
+            )
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"parallel.zero_stage ({self.zero_stage}) must be 0, 1 or 2")
         if self.timeout_s <= 0:
             raise ConfigError(f"parallel.timeout_s ({self.timeout_s}) must be > 0")

@@ -1,8 +1,9 @@
 """The training loop: accumulate, reduce, clip, step; evaluate, log, checkpoint.
 
 One step, as data: each dp rank draws its micro-batches -> forward (MoE layers exchange tokens
-inside) -> (loss / grad_accum).backward() -> dense grads averaged over dp, expert grads over
-edp (parallel.data_parallel) -> global-norm clip -> AdamW -> metrics every log_interval.
+inside) -> backward of loss / grad_accum -> dense grads averaged over dp, expert grads summed
+over edp / dp -> global-norm clip -> AdamW -> metrics every log_interval. The reduce/clip/step
+part is a Stepper (trainer/optim.py): our own at zero_stage 0, DeepSpeed's ZeRO at 1 and 2.
 """
 
 from __future__ import annotations
@@ -17,12 +18,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from parallel.checkpoint import save_full_checkpoint
-from parallel.data_parallel import clip_gradients_, reduce_gradients
-from parallel.expert_parallel import split_parameters
 from parallel.topology import Topology
 from trainer.data import RankData
 from trainer.metrics import MetricsWriter, Throughput, expert_load_stats, load_heatmap
-from trainer.optim import build_optimizer, lr_at, set_lr
+from trainer.optim import build_stepper, lr_at
 
 
 @dataclass
@@ -42,11 +41,11 @@ class _Window:
 
 
 class Trainer:
-    def __init__(self, job, model, topology: Topology, device: torch.device, data: RankData):
+    def __init__(self, job, model, topology: Topology, device: torch.device, data: RankData,
+                 local_rank: int = 0):
         self.job, self.cfg, self.model, self.topology = job, job.train, model, topology
         self.device, self.run_dir = device, Path(job.logging.run_dir)
-        self.dense, self.expert = split_parameters(model)
-        self.optimizer = build_optimizer(self.dense + self.expert, self.cfg)
+        self.stepper = build_stepper(model, topology, self.cfg, job.parallel.zero_stage, local_rank)
         self.sampler, self.val = data.sampler, data.val_batches
         self.is_main = topology.rank == 0
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main and job.logging.tensorboard)
@@ -60,16 +59,13 @@ class Trainer:
     def train_step(self, window: _Window) -> torch.Tensor:
         """One optimizer step; returns the global gradient norm before clipping."""
         self.model.train()
-        set_lr(self.optimizer, lr_at(self.step, self.cfg))
-        self.optimizer.zero_grad(set_to_none=True)
+        self.stepper.begin(lr_at(self.step, self.cfg))
         for micro in range(self.cfg.grad_accum):
             x, y = self.sampler.batch(self.step * self.cfg.grad_accum + micro)
-            out = self.model(x.to(self.device), y.to(self.device))
-            (out.loss / self.cfg.grad_accum).backward()
+            out = self.stepper.forward(x.to(self.device), y.to(self.device))
+            self.stepper.backward(out.loss)
             window.add(out, self.cfg.grad_accum)
-        reduce_gradients(self.dense, self.expert, self.topology)
-        norm = clip_gradients_(self.dense, self.expert, self.cfg.grad_clip, self.topology)
-        self.optimizer.step()
+        norm = self.stepper.finish()
         self.step += 1
         window.steps += 1
         return norm
@@ -92,7 +88,7 @@ class Trainer:
         dist.all_reduce(losses, group=dp_group)
         lm, aux, z = (losses / dp).tolist()
         scalars = {"train/loss": lm, "train/aux_loss": aux, "train/z_loss": z,
-                   "train/lr": self.optimizer.param_groups[0]["lr"], "train/grad_norm": norm.item(),
+                   "train/lr": self.stepper.optimizer.param_groups[0]["lr"], "train/grad_norm": float(norm),
                    "train/tokens_per_s": rate}
         if isinstance(window.counts_LE, torch.Tensor) and window.counts_LE.numel():
             counts = window.counts_LE.to(self.device)  # summed over dp: the global load

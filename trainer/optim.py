@@ -1,23 +1,33 @@
-"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine schedule."""
+"""AdamW with decoupled weight decay on matrices only, the warmup + cosine schedule, and the
+two ways one optimizer step is taken: our own reductions (zero_stage 0) or DeepSpeed's ZeRO
+engine (stages 1 and 2, parallel/zero.py). Both are a `Stepper`, so there is one loop."""
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from parallel.data_parallel import clip_gradients_, reduce_gradients
+from parallel.expert_parallel import split_parameters
+from parallel.topology import Topology
 from trainer.config import TrainConfig
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
-    """Matrices (incl. embeddings and stacked experts) decay; 1-D norm gains do not."""
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+def param_groups(params: list[nn.Parameter], cfg: TrainConfig) -> list[dict]:
+    """Matrices (incl. embeddings and stacked experts) decay; 1-D norm gains do not.
+    Groups are named: DeepSpeed splits each further into dense and expert groups by name."""
+    return [
+        {"name": "decay", "params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"name": "no_decay", "params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+
+
+def build_optimizer(groups: list[dict] | list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    if groups and isinstance(groups[0], nn.Parameter):
+        groups = param_groups(groups, cfg)
     # foreach=False keeps the update arithmetic per tensor, identical across layouts.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
 
@@ -33,6 +43,57 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+class Stepper(Protocol):
+    """One optimizer step as the loop sees it: begin(lr), then per micro-batch forward and
+    backward, then finish (reduce, clip, update) returning the pre-clip global grad norm."""
+
+    optimizer: torch.optim.Optimizer
+
+    def begin(self, lr: float) -> None: ...
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor): ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def finish(self) -> torch.Tensor: ...
+
+
+class PlainStepper:
+    """zero_stage 0: every rank keeps the full optimizer state of its own parameters."""
+
+    def __init__(self, model: nn.Module, topology: Topology, cfg: TrainConfig):
+        self.model, self.topology, self.cfg = model, topology, cfg
+        self.dense, self.expert = split_parameters(model)
+        self.optimizer = build_optimizer(self.dense + self.expert, cfg)
+
+    def begin(self, lr: float) -> None:
+        # Gradients are cleared here, not after the update, so they stay readable after a step.
+        self.optimizer.zero_grad(set_to_none=True)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def forward(self, x, y):
+        return self.model(x, y)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.cfg.grad_accum).backward()
+
+    def finish(self) -> torch.Tensor:
+        reduce_gradients(self.dense, self.expert, self.topology)
+        norm = clip_gradients_(self.dense, self.expert, self.cfg.grad_clip, self.topology)
+        self.optimizer.step()
+        return norm
+
+
+def build_stepper(model: nn.Module, topology: Topology, cfg: TrainConfig, zero_stage: int,
+                  local_rank: int) -> Stepper:
+    if zero_stage == 0:
+        return PlainStepper(model, topology, cfg)
+    from parallel.zero import ZeroStepper  # imports DeepSpeed only when it is used
+
+    return ZeroStepper(
+        model, topology, param_groups(list(model.parameters()), cfg),
+        make_optimizer=lambda groups: build_optimizer(groups, cfg), stage=zero_stage,
+        micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
+        grad_clip=cfg.grad_clip, local_rank=local_rank,
+    )

@@ -96,6 +96,9 @@ BAD_INPUT = [
     (["--data.source=text", "--data.path=/nonexistent/corpus"], "data.path (/nonexistent/corpus) does not exist"),
     (["--moe.top_kk=2"], "unknown config key 'moe.top_kk' (did you mean 'moe.top_k'?)"),
     (["--train.steps=ten"], "train.steps must be an integer, got 'ten'"),
+    (["--parallel.dp=1", "--parallel.tp=2", "--parallel.ep=1", "--model.n_heads=1", "--model.dim=64"],
+     "model.n_heads (1) must be divisible by parallel.tp (2)"),
+    (["--parallel.dp=2", "--parallel.zero_stage=3"], "parallel.zero_stage (3) is not available"),
     (["--parallel.dp=2", "--parallel.ep=2", "--logging.run_dir=/dev/null/run"], "logging.run_dir (/dev/null/run) cannot be created"),
 ]
 

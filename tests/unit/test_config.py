@@ -67,6 +67,17 @@ def test_yaml_unknown_key_and_wrong_type(tmp_path):
     (["--moe.expert_hidden=100"], 4, r"moe.expert_hidden \(100\) to be multiples of 8"),
     (["--moe.backend=fast"], 4, r"moe.backend \('fast'\) must be one of: native"),
     (["--model.vocab_size=100"], 4, r"model.vocab_size \(100\) must be >= 256"),
+    (["--parallel.dp=1", "--parallel.tp=4", "--parallel.ep=1", "--model.n_heads=2"], 4,
+     r"model.n_heads \(2\) must be divisible by parallel.tp \(4\)"),
+    (["--parallel.dp=1", "--parallel.tp=4", "--parallel.ep=1", "--model.ffn_hidden=390"], 4,
+     r"model.ffn_hidden \(390\) must be divisible by parallel.tp \(4\)"),
+    (["--parallel.dp=null", "--parallel.tp=3", "--parallel.ep=1"], 4,
+     r"WORLD_SIZE \(4\) must be divisible by parallel.tp \(3\)"),
+    (["--parallel.dp=2", "--parallel.tp=2", "--parallel.ep=2", "--train.micro_batch_size=1",
+      "--train.seq_len=3", "--model.max_seq_len=3"], 4,
+     r"train.micro_batch_size x train.seq_len \(3\), must be divisible by parallel.tp \(2\)"),
+    (["--parallel.zero_stage=3"], 4, r"parallel.zero_stage \(3\) is not available: DeepSpeed's ZeRO-3 refuses MoE"),
+    (["--parallel.zero_stage=5"], 4, r"parallel.zero_stage \(5\) must be 0, 1 or 2"),
 ])
 def test_validation_messages_name_the_values(overrides, world, message):
     job = load_config(["--config", TINY, *overrides])
