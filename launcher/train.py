@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from launcher.config import JobConfig, describe_schema, load_config
 from launcher.env import DistEnv, choose_backend, device_for, init_distributed, read_env, shutdown_distributed
@@ -89,6 +90,7 @@ def run(argv: list[str]) -> dict:
             print(f"done: {summary['steps']} steps in {summary['elapsed_s']:.1f}s, "
                   f"final eval loss {summary['final_eval_loss']:.4f}, "
                   f"{summary['tokens_per_s']:.0f} tokens/s; run dir {run_dir}")
+        dist.barrier()  # nobody tears the group down while a peer is still in a collective
         return summary
     finally:
         shutdown_distributed()
