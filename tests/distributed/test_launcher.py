@@ -178,10 +178,11 @@ def test_single_process_without_a_launcher(tmp_path):
 def test_dp2_tp2_ep2_tracks_dp4_ep4_on_the_same_global_batch(tmp_path):
     """Same weights, same 32 sequences per step (dp2 x 16 = dp4 x 8). The two differ only in
     the load-balancing loss (each rank computes it on its own tokens) and fp32 summation order;
-    measured: equal to 6 digits through step 10, then early training's sensitivity (routing
-    flips at lr 3e-3) lets them drift apart by about 1.5% at step 20. Tolerance: 3%."""
-    common = ["--config", TINY, "--train.steps=20", "--train.eval_interval=10",
-              "--logging.log_interval=5", "--logging.tensorboard=false"]
+    measured over 20 steps: equal to 6 digits through step 10, then early training's
+    sensitivity (routing flips at lr 3e-3) lets them drift apart by about 1.5% at step 20.
+    12 steps here; tolerance 3%."""
+    common = ["--config", TINY, "--train.steps=12", "--train.eval_interval=12",
+              "--logging.log_interval=4", "--logging.tensorboard=false"]
     runs = {}
     for name, layout in (("dp4", ["--parallel.dp=4", "--parallel.ep=4", "--train.micro_batch_size=8"]),
                          ("tp2", ["--parallel.dp=2", "--parallel.tp=2", "--parallel.ep=2",
@@ -192,7 +193,7 @@ def test_dp2_tp2_ep2_tracks_dp4_ep4_on_the_same_global_batch(tmp_path):
     assert "world 4 = dp 2 x tp 2; ep 2" in proc.stdout
     a, b = runs["dp4"], runs["tp2"]
     print(json.dumps({"dp4": a["train"], "tp2": b["train"]}))
-    assert a["final_eval_loss"] < 3.6
+    assert a["train"][-1]["loss"] < a["train"][0]["loss"] - 0.5  # it learns
     for x, y in zip(a["train"] + a["evals"], b["train"] + b["evals"]):
         loss_a, loss_b = x.get("loss", x.get("eval_loss")), y.get("loss", y.get("eval_loss"))
         assert x["step"] == y["step"] and loss_b == pytest.approx(loss_a, rel=0.03), (x, y)

@@ -1,6 +1,6 @@
 """Every parallel layout computes the same training step as one process without parallelism.
 
-For each (dp, tp, ep) on 4 gloo ranks: the same weights and the same global batch; the
+For each (dp, tp, ep) on 4 (or 8) gloo ranks: the same weights and the same global batch; the
 reference runs in each process on the plain model and averages the dp ranks' losses (the
 data-parallel objective). Compared: logits and loss of this rank's batch, every gradient
 after reduction (shards gathered to global shape), the clipped global norm, and every
@@ -70,15 +70,16 @@ def _step(rank, world, dp, tp, ep):
     return norm.item()
 
 
-LAYOUTS = [  # (dp, tp, ep) on 4 ranks
+LAYOUTS = [  # (dp, tp, ep)
     (4, 1, 1), (4, 1, 2), (4, 1, 4),  # edp 4, 2, 1: expert grads neither doubled nor / ep
     (2, 2, 1), (2, 2, 2),              # tp with experts replicated over tp partners
     (1, 4, 1),                         # tp alone
+    (4, 2, 4),                         # 8 ranks: ep groups [0,2,4,6] [1,3,5,7]
 ]
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("dp, tp, ep", LAYOUTS, ids=[f"dp{a}-tp{b}-ep{c}" for a, b, c in LAYOUTS])
 def test_layout_step_equals_single_process_reference(dp, tp, ep):
-    norms = run_distributed(_step, world_size=4, args=(dp, tp, ep), timeout_s=180)
+    norms = run_distributed(_step, world_size=dp * tp, args=(dp, tp, ep), timeout_s=300)
     assert len(set(round(n, 6) for n in norms)) == 1  # every rank clips by the same norm
