@@ -109,11 +109,11 @@ def register_groups(model: nn.Module, topology: Topology) -> str:
     from deepspeed.utils import groups
 
     name = f"ep_size_{topology.size('ep')}"  # DeepSpeed parses the size from this name
-    for key, kind in ((name, "ep"), (name, "edp")):
-        table = groups._EXPERT_PARALLEL_GROUP if kind == "ep" else groups._EXPERT_DATA_PARALLEL_GROUP
-        ranks = groups._EXPERT_PARALLEL_GROUP_RANKS if kind == "ep" else groups._EXPERT_DATA_PARALLEL_GROUP_RANKS
-        table[key] = topology.groups[kind]
-        ranks[key] = next(g for g in topology.layout.group_ranks(kind) if topology.rank in g)
+    tables = (("ep", groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS),
+              ("edp", groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS))
+    for kind, group_table, ranks_table in tables:
+        group_table[name] = topology.groups[kind]
+        ranks_table[name] = next(g for g in topology.layout.group_ranks(kind) if topology.rank in g)
     for layer in model.moe_layers():
         for p in layer.experts.parameters():
             p.allreduce = False
