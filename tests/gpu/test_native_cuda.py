@@ -15,10 +15,10 @@ from model.moe import MoELayer
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 2e-2) -> None:
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 2e-2, what: str = "output") -> None:
     err = (a.float() - b.float()).abs().max().item()
     scale = b.float().abs().max().item()
-    assert err <= rel * scale, f"max error {err:.3e} > {rel} x {scale:.3e}"
+    assert err <= rel * scale, f"{what}: max error {err:.3e} > {rel} x {scale:.3e}"
 
 
 @pytest.mark.parametrize("num_experts, top_k", [(8, 2), (64, 8)])
@@ -43,4 +43,4 @@ def test_grouped_mm_bf16_matches_fp32_loop(num_experts, top_k):
     y_fast.backward(g.to(torch.bfloat16))
     _close(x_fast.grad, x_ref.grad)
     for (name, p_fast), p_ref in zip(fast.named_parameters(), ref.parameters()):
-        _close(p_fast.grad, p_ref.grad, rel=3e-2)
+        _close(p_fast.grad, p_ref.grad, rel=3e-2, what=f"grad of {name}")
