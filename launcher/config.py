@@ -53,6 +53,11 @@ class JobConfig:
         for name, value in (("model.n_heads", m.n_heads), ("model.ffn_hidden", m.ffn_hidden)):
             if value % par.tp:
                 raise ConfigError(f"{name} ({value}) must be divisible by parallel.tp ({par.tp})")
+        if moe.backend == "deepspeed" and par.tp > 1:
+            raise ConfigError(
+                f"moe.backend deepspeed runs with parallel.tp 1 only (got {par.tp}); use the "
+                "native backend for tensor parallelism"
+            )
         tokens = tr.micro_batch_size * tr.seq_len
         if tokens % par.tp:
             raise ConfigError(

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 from model.errors import ConfigError, check_choice, check_positive
 
-MOE_BACKENDS = ("native",)
+MOE_BACKENDS = ("native", "deepspeed")
+NOISY_GATE_POLICIES = ("none", "jitter", "rsample")
+DEEPSPEED_ONLY = ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens",
+                  "use_rts", "noisy_gate_policy", "second_expert_sampling")
 EXPERT_IMPLS = ("grouped_mm", "loop")
 
 
@@ -79,9 +82,27 @@ class MoEConfig:
     z_loss_coef: float = 0.001
     """Coefficient of the router z-loss (mean squared logsumexp of the router logits)."""
     backend: str = "native"
-    """MoE implementation: native (dropless, all-to-all over the expert-parallel group)."""
+    """MoE implementation: native (ours: dropless, uneven all-to-all, grouped GEMM) or
+    deepspeed (DeepSpeed-MoE's gate and layer: capacity buffers, equal-split all-to-all)."""
     expert_impl: str = "grouped_mm"
     """Expert compute: grouped_mm (one grouped GEMM per projection) or loop (readable reference)."""
+    capacity_factor: float = 1.0
+    """deepspeed backend: expert capacity while training = ceil(tokens / E * top_k * this)."""
+    eval_capacity_factor: float = 1.0
+    """deepspeed backend: the same in eval mode."""
+    min_capacity: int = 4
+    """deepspeed backend: capacity is at least this many token-slots per expert."""
+    drop_tokens: bool = True
+    """deepspeed backend: drop token-slots beyond capacity (they then pass through the residual
+    only); false = capacity grows to the largest expert load in the ep group, nothing dropped."""
+    use_rts: bool = True
+    """deepspeed backend, top_k 1: random token selection when dropping (else first come)."""
+    noisy_gate_policy: str = "none"
+    """deepspeed backend, training only: none, jitter (input x U(0.99, 1.01)) or rsample
+    (Gumbel noise on the top-1 choice; top_k 1 only)."""
+    second_expert_sampling: bool = False
+    """deepspeed backend, top_k 2: pick the second expert with Gumbel noise (DeepSpeed's
+    default is true; it stays random in eval mode too)."""
 
     def validate(self) -> None:
         check_positive("moe.num_experts", self.num_experts)
@@ -100,6 +121,42 @@ class MoEConfig:
             )
         check_choice("moe.backend", self.backend, MOE_BACKENDS)
         check_choice("moe.expert_impl", self.expert_impl, EXPERT_IMPLS)
+        check_choice("moe.noisy_gate_policy", self.noisy_gate_policy, NOISY_GATE_POLICIES)
+        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0 or self.min_capacity < 0:
+            raise ConfigError(
+                f"moe.capacity_factor ({self.capacity_factor}) and moe.eval_capacity_factor "
+                f"({self.eval_capacity_factor}) must be > 0, moe.min_capacity ({self.min_capacity}) >= 0"
+            )
+        if self.backend == "native":
+            changed = [f"moe.{n} ({getattr(self, n)!r})" for n in DEEPSPEED_ONLY
+                       if getattr(self, n) != getattr(MoEConfig, n)]
+            if changed:
+                raise ConfigError(
+                    f"{', '.join(changed)} {'apply' if len(changed) > 1 else 'applies'} only to "
+                    "moe.backend deepspeed; the native backend is dropless and deterministic"
+                )
+        else:
+            self._validate_deepspeed()
+
+    def _validate_deepspeed(self) -> None:
+        # DeepSpeed renormalises the k weights for top_k >= 2 and never for top_k 1.
+        if self.renormalize != (self.top_k > 1):
+            raise ConfigError(
+                f"moe.backend deepspeed with moe.top_k {self.top_k} always uses "
+                f"renormalize={self.top_k > 1}; set moe.renormalize={str(self.top_k > 1).lower()}"
+            )
+        if self.noisy_gate_policy == "rsample" and self.top_k != 1:
+            raise ConfigError(f"moe.noisy_gate_policy rsample needs moe.top_k 1, not {self.top_k}")
+
+    def deepspeed_gate_args(self) -> dict:
+        """This config as DeepSpeed's TopKGate keyword arguments."""
+        policy = {"none": None, "jitter": "Jitter", "rsample": "RSample"}[self.noisy_gate_policy]
+        return dict(num_experts=self.num_experts, k=self.top_k,
+                    capacity_factor=self.capacity_factor,
+                    eval_capacity_factor=self.eval_capacity_factor,
+                    min_capacity=self.min_capacity, noisy_gate_policy=policy,
+                    drop_tokens=self.drop_tokens, use_rts=self.use_rts,
+                    top2_2nd_expert_sampling=self.second_expert_sampling)
 
     def is_moe_layer(self, layer_id: int) -> bool:
         return self.every_n_layers > 0 and (layer_id + 1) % self.every_n_layers == 0

@@ -35,6 +35,8 @@ class ModelOutput:
     """Token-slots per expert per MoE layer from this rank's tokens (int64, no grad)."""
     router_entropy_L: torch.Tensor
     """Mean router entropy per MoE layer, nats (no grad)."""
+    dropped_slots_L: torch.Tensor
+    """Token-slots dropped for lack of capacity per MoE layer on this rank (0 when dropless)."""
 
 
 class Block(nn.Module):
@@ -105,8 +107,11 @@ class TransformerLM(nn.Module):
         z = torch.stack([r.z_loss for r in routes]).mean() if routes else zero
         counts = torch.stack([r.counts_E for r in routes]) if routes else torch.zeros(0, 0, dtype=torch.long)
         entropy = torch.stack([r.entropy for r in routes]) if routes else logits.new_zeros(0)
+        no_drops = torch.zeros((), dtype=torch.long, device=logits.device)
+        dropped = torch.stack([no_drops if r.dropped_slots is None else r.dropped_slots.to(no_drops.device)
+                               for r in routes]) if routes else no_drops.new_zeros(0)
         loss = lm_loss = None
         if targets_BS is not None:
             lm_loss = F.cross_entropy(logits.flatten(0, 1), targets_BS.flatten())
             loss = lm_loss + self.moe_cfg.aux_loss_coef * aux + self.moe_cfg.z_loss_coef * z
-        return ModelOutput(logits, loss, lm_loss, aux, z, counts, entropy)
+        return ModelOutput(logits, loss, lm_loss, aux, z, counts, entropy, dropped)

@@ -20,7 +20,7 @@ def apply_expert_parallel(model: nn.Module, topology: Topology) -> None:
     comm = ProcessGroupExpertComm(topology.groups["ep"]) if ep > 1 else LocalComm()
     for layer in model.moe_layers():
         layer.experts.shard_(comm.rank, comm.size)
-        layer.comm = comm
+        layer.set_expert_parallel(comm)
 
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

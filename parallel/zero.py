@@ -19,12 +19,12 @@ refuses zero_stage 3.
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Callable
 
 import torch
 from torch import nn
 
+from model.moe.deepspeed_backend import import_deepspeed
 from parallel.topology import Topology
 
 
@@ -58,22 +58,6 @@ class TopologyMPU:
     get_tensor_model_parallel_group = get_model_parallel_group
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
     get_tensor_model_parallel_rank = get_model_parallel_rank
-
-
-def _import_deepspeed(device: torch.device):
-    # The accelerator is chosen on first use from DS_ACCELERATOR; CPU needs no oneCCL/IPEX.
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
-    # DeepSpeed's ZeRO still calls all_gather_into_tensor, deprecated in torch 2.13; once per
-    # rank per run, not actionable here.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*deprecated",
-                            category=FutureWarning)
-    import deepspeed
-    import deepspeed.ops
-
-    # Skip DeepSpeed's shared-memory CPU collective: a ~100 s g++ build on first use, and our
-    # collectives run on gloo anyway. (A private table; checked against DeepSpeed 0.19.8.)
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return deepspeed
 
 
 def _engine_module(model: nn.Module, topology: Topology, group_name: str) -> nn.Module:
@@ -134,7 +118,7 @@ class ZeroStepper:
                  micro_batch_size: int, grad_accum: int, grad_clip: float, local_rank: int):
         device = next(model.parameters()).device
         os.environ.setdefault("LOCAL_RANK", str(local_rank))  # the engine asserts it is set
-        deepspeed = _import_deepspeed(device)
+        deepspeed = import_deepspeed(device.type == "cuda")
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
         group_name = register_groups(model, topology)

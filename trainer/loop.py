@@ -32,12 +32,14 @@ class _Window:
     losses: torch.Tensor = field(default_factory=lambda: torch.zeros(3))  # lm, aux, z
     entropy_L: torch.Tensor | int = 0
     counts_LE: torch.Tensor | int = 0
+    dropped_L: torch.Tensor | int = 0
 
     def add(self, out, accum: int) -> None:
         losses = torch.stack([out.lm_loss, out.aux_loss, out.z_loss]).detach().cpu()
         self.losses += losses / accum
         self.entropy_L = self.entropy_L + out.router_entropy_L.detach().cpu() / accum
         self.counts_LE = self.counts_LE + out.expert_counts_LE.detach().cpu()
+        self.dropped_L = self.dropped_L + out.dropped_slots_L.detach().cpu()
 
 
 class Trainer:
@@ -91,14 +93,16 @@ class Trainer:
                    "train/lr": self.stepper.optimizer.param_groups[0]["lr"], "train/grad_norm": float(norm),
                    "train/tokens_per_s": rate}
         if isinstance(window.counts_LE, torch.Tensor) and window.counts_LE.numel():
-            counts = window.counts_LE.to(self.device)  # summed over dp: the global load
+            # counts and drops summed over dp: the global load; entropy averaged.
+            counts = torch.cat([window.counts_LE, window.dropped_L[:, None]], 1).to(self.device)
             entropy = (window.entropy_L / window.steps).to(self.device)
             dist.all_reduce(counts, group=dp_group)
             dist.all_reduce(entropy, group=dp_group)
-            scalars |= expert_load_stats(counts.cpu(), entropy.cpu() / dp)
+            counts, dropped = counts[:, :-1].cpu(), counts[:, -1].cpu()
+            scalars |= expert_load_stats(counts, entropy.cpu() / dp, dropped)
             heat_every = self.job.logging.heatmap_interval
             if heat_every and (self.step - self.last_heatmap >= heat_every or self.step == self.cfg.steps):
-                self.metrics.image("moe/expert_load", load_heatmap(counts.cpu()), self.step)
+                self.metrics.image("moe/expert_load", load_heatmap(counts), self.step)
                 self.last_heatmap = self.step
         self.metrics.scalars(self.step, scalars)
         return scalars

@@ -41,7 +41,8 @@ def _layer_shares(counts_LE: torch.Tensor) -> torch.Tensor:
     return torch.where(total_L1 > 0, counts_LE / total_L1.clamp_min(1e-30), torch.zeros_like(counts_LE))
 
 
-def expert_load_stats(counts_LE: torch.Tensor, entropy_L: torch.Tensor | None = None) -> dict[str, float]:
+def expert_load_stats(counts_LE: torch.Tensor, entropy_L: torch.Tensor | None = None,
+                      dropped_L: torch.Tensor | None = None) -> dict[str, float]:
     """Flat TensorBoard scalars describing how evenly each MoE layer spreads its tokens.
 
     ``max_over_mean`` is the standard load-imbalance factor (1.0 is perfect, E means one expert
@@ -50,7 +51,9 @@ def expert_load_stats(counts_LE: torch.Tensor, entropy_L: torch.Tensor | None = 
     across different E. A layer with zero tokens reports 0 for both rather than NaN, so one
     idle step does not poison TensorBoard's smoothing. ``entropy_L`` (mean per-token router
     entropy in nats, computed by the model) is passed through per layer and averaged; low values
-    flag routers that have collapsed onto few experts. Returns {} when there are no MoE layers.
+    flag routers that have collapsed onto few experts. ``dropped_L`` (token-slots dropped for
+    lack of capacity) gives ``dropped_slots`` and ``dropped_fraction`` (of the layer's slots)
+    per layer and in total. Returns {} when there are no MoE layers.
     """
     if counts_LE.numel() == 0:
         return {}
@@ -82,6 +85,15 @@ def expert_load_stats(counts_LE: torch.Tensor, entropy_L: torch.Tensor | None = 
     out["moe/busiest_expert_fraction"] = float(busiest_L.mean())
     if entropies is not None:
         out["moe/router_entropy"] = sum(entropies) / num_layers
+    if dropped_L is not None:
+        dropped = dropped_L.detach().to("cpu", torch.float64).reshape(-1)
+        if dropped.numel() != num_layers:
+            raise ValueError(f"dropped_L has {dropped.numel()} values for {num_layers} MoE layers")
+        fraction_L = torch.where(has_tokens_L, dropped / total_L.clamp_min(1e-30), torch.zeros_like(dropped))
+        for layer in range(num_layers):
+            out[f"moe/layer{layer}/dropped_slots"] = float(dropped[layer])
+            out[f"moe/layer{layer}/dropped_fraction"] = float(fraction_L[layer])
+        out["moe/dropped_fraction"] = float(dropped.sum() / total_L.sum().clamp_min(1e-30))
     return out
 
 

@@ -1,13 +1,19 @@
-"""Mixture-of-Experts layers. Backends share one interface and the canonical weights."""
+"""Mixture-of-Experts layers. Backends share one interface (MoELayer) and the canonical weights."""
 
-from model.moe.layer import MoELayer
+from __future__ import annotations
+
+from model.config import MoEConfig
+from model.moe.layer import MoELayer, NativeMoE
 from model.moe.router import RouterOutput
 
-__all__ = ["MoELayer", "RouterOutput", "build_moe"]
+__all__ = ["MoELayer", "NativeMoE", "RouterOutput", "build_moe"]
 
 
-def build_moe(dim, cfg):
-    """The MoE layer for `cfg.backend`; config validation has already checked the name."""
-    if cfg.backend == "native":
-        return MoELayer(dim, cfg)
-    raise ValueError(f"moe.backend ({cfg.backend!r}) has no implementation")
+def build_moe(dim: int, cfg: MoEConfig) -> MoELayer:
+    """The MoE layer for `cfg.backend` (validated by MoEConfig). Each backend's kernel
+    imports stay inside its own module, imported only when it is chosen."""
+    if cfg.backend == "deepspeed":
+        from model.moe.deepspeed_backend import DeepSpeedMoE
+
+        return DeepSpeedMoE(dim, cfg)
+    return NativeMoE(dim, cfg)

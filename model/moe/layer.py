@@ -1,10 +1,12 @@
-"""The MoE feed-forward layer: route, dispatch, compute, combine.
+"""The MoE feed-forward interface and the native backend: route, dispatch, compute, combine.
 
 Shape legend: B batch, S sequence, T = B*S tokens, D model dim, K choices per token;
 t = T / tp, this tensor-parallel rank's slice of the tokens.
 """
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -16,17 +18,14 @@ from model.moe.router import RouterOutput, TopKRouter
 from model.tp import LocalTP, TensorParallelComm
 
 
-class MoELayer(nn.Module):
-    """Dropless top-k MoE with SwiGLU experts (the `native` backend).
+class MoELayer(nn.Module, ABC):
+    """What every MoE backend is: the canonical weights and two hooks.
 
-    Expert parallelism is applied from outside (parallel.expert_parallel): it shards
-    `experts` and injects the expert-parallel `comm`; at ep=1 `comm` is the identity.
-
-    Under tensor parallelism the input is replicated over the tp group. Every tp rank routes
-    all tokens (cheap, and the router and its losses stay replicated), then dispatches only
-    its 1/tp slice of them, so no expert sees a token twice; the outputs are gathered back.
-    `tp.split`'s backward all-gathers the slices' gradients, so the router and the input get
-    the full, identical gradient on every tp rank.
+    Canonical weights (the same names and shapes in every backend, so checkpoints move
+    between them): `router.weight` (E, D) and `experts.w1_EDF`, `experts.w3_EDF`,
+    `experts.w2_EFD` on the global expert axis. Parallelism is applied from outside:
+    parallel.expert_parallel shards `experts` and calls `set_expert_parallel(comm)`;
+    parallel.tensor_parallel sets `tp`. forward(x_BSD) returns (y_BSD, RouterOutput).
     """
 
     def __init__(self, dim: int, cfg: MoEConfig):
@@ -34,8 +33,33 @@ class MoELayer(nn.Module):
         self.num_experts = cfg.num_experts
         self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.renormalize)
         self.experts = SwiGLUExperts(cfg.num_experts, dim, cfg.expert_hidden, cfg.expert_impl)
-        self.comm: ExpertComm = LocalComm()
         self.tp: TensorParallelComm = LocalTP()
+
+    @abstractmethod
+    def set_expert_parallel(self, comm: ExpertComm) -> None:
+        """Use `comm` (this rank's expert-parallel group) for token exchange; the experts have
+        already been sharded to this rank's slice."""
+
+    @abstractmethod
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]: ...
+
+
+class NativeMoE(MoELayer):
+    """Dropless top-k MoE with SwiGLU experts (moe.backend = native).
+
+    At ep=1 `comm` is the identity. Under tensor parallelism the input is replicated over the
+    tp group. Every tp rank routes all tokens (cheap, and the router and its losses stay
+    replicated), then dispatches only its 1/tp slice of them, so no expert sees a token twice;
+    the outputs are gathered back. `tp.split`'s backward all-gathers the slices' gradients, so
+    the router and the input get the full, identical gradient on every tp rank.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__(dim, cfg)
+        self.comm: ExpertComm = LocalComm()
+
+    def set_expert_parallel(self, comm: ExpertComm) -> None:
+        self.comm = comm
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])

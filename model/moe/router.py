@@ -30,6 +30,9 @@ class RouterOutput:
     """Token-slots per expert from these tokens (int64, no grad): the expert load."""
     entropy: torch.Tensor
     """Mean per-token entropy of the router distribution in nats (no grad)."""
+    dropped_slots: torch.Tensor | None = None
+    """Token-slots dropped for lack of expert capacity (deepspeed backend with drop_tokens);
+    None for dropless backends."""
 
 
 class TopKRouter(nn.Module):

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from model.config import MoEConfig
-from model.moe import MoELayer
+from model.moe import NativeMoE
 from parallel.collectives import ProcessGroupExpertComm
 from parallel.topology import Layout, Topology
 from tests.distributed.spawn import run_distributed
@@ -23,7 +23,7 @@ D, E = 16, 8
 def _layer_equivalence(rank, world, ep, top_k, hot_expert):
     topo = Topology.create(Layout(world_size=world, dp=world, ep=ep))
     torch.manual_seed(0)
-    ref = MoELayer(D, MoEConfig(num_experts=E, top_k=top_k, expert_hidden=24))
+    ref = NativeMoE(D, MoEConfig(num_experts=E, top_k=top_k, expert_hidden=24))
     for p in ref.parameters():
         torch.nn.init.normal_(p, std=0.3)
     if hot_expert is not None:  # every token of every rank picks the same expert first
@@ -33,7 +33,7 @@ def _layer_equivalence(rank, world, ep, top_k, hot_expert):
     layer = copy.deepcopy(ref)
     layer.experts.shard_(topo.coord("ep"), ep)
     if ep > 1:
-        layer.comm = ProcessGroupExpertComm(topo.groups["ep"])
+        layer.set_expert_parallel(ProcessGroupExpertComm(topo.groups["ep"]))
 
     torch.manual_seed(100 + rank)  # different tokens on every rank
     x = torch.randn(3, 5, D).abs() if hot_expert is not None else torch.randn(3, 5, D)

@@ -197,3 +197,22 @@ def test_dp2_tp2_ep2_tracks_dp4_ep4_on_the_same_global_batch(tmp_path):
     for x, y in zip(a["train"] + a["evals"], b["train"] + b["evals"]):
         loss_a, loss_b = x.get("loss", x.get("eval_loss")), y.get("loss", y.get("eval_loss"))
         assert x["step"] == y["step"] and loss_b == pytest.approx(loss_a, rel=0.03), (x, y)
+
+
+@pytest.mark.distributed
+def test_deepspeed_backend_with_zero2_under_torchrun(tmp_path):
+    """The README's main command with --moe.backend=deepspeed (dropping tokens at capacity
+    factor 1) and ZeRO-2: it trains, and TensorBoard gets the dropped-slot fraction."""
+    proc = torchrun(4, "--config", TINY, "--moe.backend=deepspeed", "--parallel.zero_stage=2",
+                    "--train.steps=4", "--logging.log_interval=2", f"--logging.run_dir={tmp_path}",
+                    *SMALL)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["train"][-1]["loss"] < summary["train"][0]["loss"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    dropped = [e.value for e in acc.Scalars("moe/dropped_fraction")]
+    assert dropped and all(0 <= v < 1 for v in dropped), dropped
+    assert "moe/layer1/dropped_slots" in acc.Tags()["scalars"]

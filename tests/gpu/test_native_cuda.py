@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.config import MoEConfig
-from model.moe import MoELayer
+from model.moe import NativeMoE
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -24,7 +24,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 2e-2, what: str = "out
 @pytest.mark.parametrize("num_experts, top_k", [(8, 2), (64, 8)])
 def test_grouped_mm_bf16_matches_fp32_loop(num_experts, top_k):
     torch.manual_seed(0)
-    ref = MoELayer(256, MoEConfig(num_experts=num_experts, top_k=top_k, expert_hidden=128,
+    ref = NativeMoE(256, MoEConfig(num_experts=num_experts, top_k=top_k, expert_hidden=128,
                                   expert_impl="loop")).cuda()
     for p in ref.parameters():
         torch.nn.init.normal_(p, std=0.05)

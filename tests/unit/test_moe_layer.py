@@ -7,16 +7,16 @@ import torch
 
 from model.config import MoEConfig
 from model.layers import SwiGLU
-from model.moe import MoELayer
+from model.moe import NativeMoE
 from model.moe.dispatch import LocalComm, combine, dispatch
 from model.moe.experts import SwiGLUExperts
 
 D, F = 16, 24
 
 
-def _layer(num_experts=4, top_k=2, impl="grouped_mm", seed=0) -> MoELayer:
+def _layer(num_experts=4, top_k=2, impl="grouped_mm", seed=0) -> NativeMoE:
     torch.manual_seed(seed)
-    layer = MoELayer(D, MoEConfig(num_experts=num_experts, top_k=top_k, expert_hidden=F, expert_impl=impl))
+    layer = NativeMoE(D, MoEConfig(num_experts=num_experts, top_k=top_k, expert_hidden=F, expert_impl=impl))
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return layer
