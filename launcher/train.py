@@ -18,14 +18,22 @@ import torch
 import torch.distributed as dist
 
 from launcher.config import JobConfig, describe_schema, load_config
-from launcher.env import DistEnv, choose_backend, device_for, init_distributed, read_env, shutdown_distributed
+from launcher.env import (
+    DistEnv,
+    choose_backend,
+    device_for,
+    init_distributed,
+    read_env,
+    shutdown_distributed,
+)
 from model.errors import ConfigError
 from model.transformer import TransformerLM
-from parallel.checkpoint import load_full_checkpoint
+from parallel.checkpoint import agree, load_weights
+from parallel.checkpoint_store import Checkpoint, CheckpointError, resolve
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.tensor_parallel import apply_tensor_parallel
-from parallel.topology import Layout, Topology
-from trainer.data import Corpus, RankData, load_corpus, rank_data
+from parallel.topology import Topology
+from trainer.data import load_corpus, rank_data
 from trainer.loop import Trainer
 
 USAGE = """usage: torchrun --nproc_per_node=N -m launcher.train [--config FILE] [--section.key=value ...]
@@ -35,15 +43,52 @@ command line; later overrides win. Unknown keys are rejected.
 """
 
 
-def prepare(argv: list[str], env: DistEnv) -> tuple[JobConfig, Layout, str, Corpus, RankData]:
-    """All input checks, no collectives: config, layout, backend, run dir, data."""
+# Config fields that fix parameter shapes: a checkpoint only fits a run that agrees on them.
+ARCHITECTURE = {"model": ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "tie_embeddings"),
+                "moe": ("num_experts", "expert_hidden", "every_n_layers")}
+
+
+def prepare(argv: list[str], env: DistEnv):
+    """All input checks, no collectives: config, layout, backend, run dir, data, and the
+    checkpoint to resume or start from (opened, and checked against the model config)."""
     job = load_config(argv)
     layout = job.validate(env.world_size)
     backend = choose_backend(job.parallel.backend)
-    check_writable(Path(job.logging.run_dir))
+    run_dir = Path(job.logging.run_dir)
+    check_writable(run_dir)
+    ckpt = find_checkpoint(job, run_dir, env.rank == 0)
     corpus = load_corpus(job.data)
     data = rank_data(corpus, job.train, job.model.vocab_size, layout.coords(env.rank)["dp"], layout.dp)
-    return job, layout, backend, corpus, data
+    return job, layout, backend, corpus, data, ckpt
+
+
+def find_checkpoint(job: JobConfig, run_dir: Path, verbose: bool) -> Checkpoint | None:
+    ck = job.checkpoint
+    spec = ck.resume or ck.init_from
+    if spec is None:
+        return None
+    ckpt, skipped = resolve(spec, run_dir / "checkpoints")
+    if verbose:
+        for line in skipped:
+            print(line, flush=True)
+        if ckpt is None:
+            print(f"checkpoint.resume=auto: no committed checkpoint in {run_dir / 'checkpoints'}, "
+                  "starting at step 0", flush=True)
+    if ckpt is not None:
+        check_fits(ckpt, job)
+    return ckpt
+
+
+def check_fits(ckpt: Checkpoint, job: JobConfig) -> None:
+    saved = ckpt.meta.get("config", {})
+    for section, keys in ARCHITECTURE.items():
+        ours = getattr(job, section)
+        for key in keys:
+            theirs = saved.get(section, {}).get(key)
+            if theirs != getattr(ours, key):
+                raise CheckpointError(
+                    f"checkpoint {ckpt.path} does not fit this run: {section}.{key} is {theirs} "
+                    f"in the checkpoint and {getattr(ours, key)} here")
 
 
 def check_writable(run_dir: Path) -> None:
@@ -57,12 +102,13 @@ def check_writable(run_dir: Path) -> None:
         raise ConfigError(f"logging.run_dir ({run_dir}) is not writable")
 
 
-def build_model(job: JobConfig, topology: Topology, device: torch.device) -> TransformerLM:
+def build_model(job: JobConfig, topology: Topology, device: torch.device,
+                init_from: Checkpoint | None = None) -> TransformerLM:
     """The same seed on every rank gives the same full model; tp and ep then keep slices."""
     torch.manual_seed(job.train.seed)
     model = TransformerLM(job.model, job.moe)
-    if job.checkpoint.init_from:
-        load_full_checkpoint(job.checkpoint.init_from, model)
+    if init_from is not None:
+        load_weights(init_from, model)
     apply_tensor_parallel(model, topology)
     apply_expert_parallel(model, topology)
     return model.to(device)
@@ -70,7 +116,7 @@ def build_model(job: JobConfig, topology: Topology, device: torch.device) -> Tra
 
 def run(argv: list[str]) -> dict:
     env = read_env()
-    job, layout, backend, corpus, data = prepare(argv, env)
+    job, layout, backend, corpus, data, ckpt = prepare(argv, env)
     if job.train.deterministic:
         torch.use_deterministic_algorithms(True)
     run_dir = Path(job.logging.run_dir)
@@ -84,8 +130,15 @@ def run(argv: list[str]) -> dict:
         if env.rank == 0:
             print(f"topology: {topology.describe()}")
         device = device_for(backend, env.local_rank)
-        model = build_model(job, topology, device)
-        summary = Trainer(job, model, topology, device, data, env.local_rank).fit()
+        found = (str(ckpt.path), ckpt.step) if ckpt else None
+        agree(None if found == _first(found) else f"chose checkpoint {found}, rank 0 chose "
+              f"{_first(found)} (is the run dir on a shared file system?)", "choosing a checkpoint")
+        resume = ckpt if job.checkpoint.resume else None
+        model = build_model(job, topology, device, ckpt if job.checkpoint.init_from else None)
+        trainer = Trainer(job, model, topology, device, data, env.local_rank)
+        if resume is not None:
+            trainer.resume(resume)
+        summary = trainer.fit()
         if env.rank == 0:
             print(f"done: {summary['steps']} steps in {summary['elapsed_s']:.1f}s, "
                   f"final eval loss {summary['final_eval_loss']:.4f}, "
@@ -94,6 +147,13 @@ def run(argv: list[str]) -> dict:
         return summary
     finally:
         shutdown_distributed()
+
+
+def _first(value):
+    """Rank 0's value, on every rank. Collective."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def main(argv: list[str] | None = None) -> int:

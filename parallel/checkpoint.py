@@ -1,28 +1,68 @@
-"""Plain full checkpoints: model weights at their global shape in one file.
+"""Reshardable checkpoints: every rank writes the pieces it owns, any layout reads them back.
 
-Expert tensors are gathered over the expert-parallel group onto the global expert axis and
-tensor-parallel shards over the tp group, so a file saved at any (dp, tp, ep) loads at any other. This is the simple format for final weights and
-for `checkpoint.init_from`; it does not carry optimizer state (the reshardable, sharded
-format with optimizer and data state is a later piece of work).
+What is stored (all at global shape, experts on the global expert axis):
+    model/<param>               the parameters (the model's dtype)
+    master/<param>              fp32 master weights, only where they differ in dtype (ZeRO bf16)
+    optim/<param>/exp_avg       Adam's moments, fp32, out of DeepSpeed's flat partitions with
+    optim/<param>/exp_avg_sq    their padding removed when ZeRO is on
+and in the manifest: step, Adam's step count, tokens and samples seen (the data position of
+every dp rank follows from it, see trainer/data.py), the layout it was saved with, the resolved
+config, the format version; per-rank RNG states go in each rank's shard file.
 
-File layout (torch.save of a dict): format, model (name -> tensor), step, tokens_seen,
-layout (the saving run's degrees), config (the resolved job config as a dict).
+Why our own format and not torch.distributed.checkpoint: ZeRO fragments are flat ranges of a
+parameter, which DCP's rectangular chunks cannot express without first gathering them; and we
+want a checksum per file, a commit marker we control, and a reader that needs no process group
+(the inspect CLI). The files are plain `torch.save` dicts of tensors, read with weights_only.
+
+Save (collective): rank 0 clears `step_N.partial/`; every rank writes its shard file (fsync,
+rename); all ranks exchange results, so a rank that failed is named in the same error on every
+rank; rank 0 commits (parallel/checkpoint_store.py) and reports back. Load (collective): every
+rank reads and checks everything it needs into staging tensors; ranks exchange errors; only if
+none failed anywhere is anything copied into the model, the optimizer and the trainer.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.errors import ConfigError
+from parallel.checkpoint_store import (
+    FORMAT,
+    VERSION,
+    Checkpoint,
+    CheckpointError,
+    commit,
+    retain,
+    step_dir_name,
+    write_shard,
+)
+from parallel.shards import Box, Shard, shards
 from parallel.topology import Topology
 
-FORMAT = "moe-train/full-v1"
+
+class Piece(NamedTuple):
+    """A block (or a flat fragment of a block) of a global tensor, held by this rank."""
+
+    name: str  # e.g. "model/layers.0.ffn.experts.w1_EDF", "optim/<param>/exp_avg"
+    shape: tuple[int, ...]  # the global tensor's shape
+    box: Box
+    flat: tuple[int, int]  # range of the row-major flattened box
+    tensor: torch.Tensor  # the values: the box, or the fragment as a 1-D tensor
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}|{','.join(map(str, self.box.offsets))}|{self.flat[0]}"
+
+
+# Fault injection for the tests: the rank named here SIGKILLs itself after writing its shard.
+KILL_IN_SAVE_ENV = "MOE_TEST_KILL_RANK_IN_SAVE"
 
 
 def _gather(tensor: torch.Tensor, group, size: int, dim: int) -> torch.Tensor:
@@ -32,10 +72,9 @@ def _gather(tensor: torch.Tensor, group, size: int, dim: int) -> torch.Tensor:
 
 
 def gather_global(model: nn.Module, topology: Topology, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Bring per-parameter tensors (weights, gradients, optimizer moments) named like the
-    model's parameters to their global shape on every rank: experts gathered over the ep group
-    along the expert axis, tensor-parallel shards over the tp group along their split dim.
-    Collective: every rank must pass the same names in the same order."""
+    """Bring per-parameter tensors (weights, gradients) named like the model's parameters to
+    their global shape on every rank (a test helper: checkpoints never gather). Collective:
+    every rank must pass the same names in the same order."""
     experts = {id(p) for layer in model.moe_layers() for p in layer.experts.parameters()}
     params = dict(model.named_parameters())
     out = {}
@@ -49,55 +88,179 @@ def gather_global(model: nn.Module, topology: Topology, local: dict[str, torch.T
     return out
 
 
-def full_state_dict(model: nn.Module, topology: Topology) -> dict[str, torch.Tensor]:
-    """The model's state at its global shape, on every rank. Collective."""
-    return gather_global(model, topology, model.state_dict())
+def model_pieces(params: list[Shard], topology: Topology) -> list[Piece]:
+    return [Piece(f"model/{s.name}", s.global_shape, s.box, (0, s.box.numel), s.param.detach())
+            for s in params if s.writes_whole(topology)]
 
 
-def save_full_checkpoint(
-    path: str | Path, model: nn.Module, topology: Topology, meta: dict[str, Any]
-) -> None:
-    """Collective. Rank 0 writes `path` atomically (temporary file, fsync, rename); a write
-    failure there becomes the same error on every rank instead of a hang."""
-    path = Path(path)
-    state = full_state_dict(model, topology)
-    error = ""
+def _exchange(obj) -> list:
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _raise_failed(errors: list[str | None], what: str) -> None:
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        ranks = [r for r, _ in failed]
+        raise CheckpointError(f"{what} failed on rank(s) {ranks}; rank {failed[0][0]}: {failed[0][1]}")
+
+
+def agree(error: str | None, what: str) -> None:
+    """Collective over the world: if any rank has an error, every rank raises the same one,
+    naming the ranks that failed."""
+    _raise_failed(_exchange(error), what)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(root: Path, step: int, model: nn.Module, stepper, topology: Topology,
+                    meta: dict[str, Any], keep_last: int = 0) -> Path:
+    """Write checkpoint `root/step_N` from every rank in parallel and commit it. Collective."""
+    final = root / step_dir_name(step)
+    staging = final.with_name(final.name + ".partial")
+    error = None
     if topology.rank == 0:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as f:
-                torch.save({"format": FORMAT, "model": state, **meta}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            shutil.rmtree(staging, ignore_errors=True)  # a previous attempt that died
+            staging.mkdir(parents=True)
         except OSError as exc:
-            error = f"rank 0 could not write checkpoint {path}: {exc}"
-    failed = torch.tensor([1 if error else 0])
-    dist.all_reduce(failed)  # every rank learns whether the write succeeded
-    if failed.item():
-        raise OSError(error or f"checkpoint {path} was not written (rank 0 failed)")
+            error = f"cannot create {staging}: {exc}"
+    agree(error, f"saving checkpoint {final}")
+
+    # 1. Every rank writes the pieces it owns, and its RNG state.
+    params = shards(model, topology)
+    optim, adam_step = stepper.export_state(params, topology)
+    pieces = model_pieces(params, topology) + optim
+    file = f"shard_{topology.rank:05d}.pt"
+    rng = {f"rng/{topology.rank}/{k}": v for k, v in rng_state().items()}
+    record, error = None, None
+    try:
+        record = write_shard(staging / file, {p.key: p.tensor for p in pieces} | rng)
+    except OSError as exc:
+        error = f"cannot write {staging / file}: {exc}"
+    if os.environ.get(KILL_IN_SAVE_ENV) == str(topology.rank):
+        os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die with the shard half-committed
+    listing = [(p.name, p.shape, str(p.tensor.dtype).removeprefix("torch."), p.box.to_json(),
+                list(p.flat), p.key) for p in pieces]
+    results = _exchange((error, file, record, listing, list(rng), adam_step))
+    _raise_failed([r[0] for r in results], f"saving checkpoint {final}")
+
+    # 2. Rank 0 writes the manifest and commits; everyone learns the outcome.
+    error = None
+    if topology.rank == 0:
+        try:
+            commit(staging, final, _manifest(step, meta, results))
+            for warning in retain(root, keep_last):
+                print(f"warning: {warning}", flush=True)
+        except (OSError, CheckpointError) as exc:
+            error = f"cannot commit {final}: {exc}"
+            shutil.rmtree(staging, ignore_errors=True)
+    agree(error, f"committing checkpoint {final}")
+    return final
 
 
-def load_full_checkpoint(path: str | Path, model: nn.Module) -> dict[str, Any]:
-    """Load global-shape weights into a model built plainly, BEFORE any parallel transform
-    (which then keeps this rank's shards); returns the file's metadata. Every tensor is checked
-    before any is copied, so a mismatch changes nothing."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not a {FORMAT} checkpoint")
-    saved, own = ckpt["model"], model.state_dict()
-    missing = sorted(set(own) - set(saved))
-    unexpected = sorted(set(saved) - set(own))
-    if missing or unexpected:
-        raise ConfigError(f"{path}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
-    for name, tensor in own.items():
-        if saved[name].shape != tensor.shape:
-            raise ConfigError(
-                f"{path}: tensor {name} has shape {tuple(saved[name].shape)} in the checkpoint "
-                f"but the model needs {tuple(tensor.shape)}"
-            )
+def _manifest(step: int, meta: dict[str, Any], results: list) -> dict[str, Any]:
+    tensors: dict[str, dict] = {}
+    files, rng_keys, adam_steps = {}, {}, set()
+    for rank, (_, file, record, listing, rng, adam_step) in enumerate(results):
+        files[file] = record
+        rng_keys[str(rank)] = {"file": file, "keys": rng}
+        if adam_step is not None:
+            adam_steps.add(adam_step)
+        for name, shape, dtype, box, flat, key in listing:
+            info = tensors.setdefault(name, {"shape": list(shape), "dtype": dtype, "pieces": []})
+            info["pieces"].append({"box": box, "flat": flat, "file": file, "key": key})
+    if len(adam_steps) > 1:
+        raise CheckpointError(f"ranks disagree on the optimizer step count: {sorted(adam_steps)}")
+    return {"format": FORMAT, "version": VERSION, "step": step, "files": files, "tensors": tensors,
+            "rng": rng_keys, "meta": meta | {"adam_step": adam_steps.pop() if adam_steps else None}}
+
+
+def fetch_param(ckpt: Checkpoint, shard: Shard) -> torch.Tensor:
+    """A parameter's block, from the fp32 master copy where the checkpoint has one."""
+    for prefix in ("master", "model"):
+        values = ckpt.fetch(f"{prefix}/{shard.name}", shard.box, torch.float32)
+        if values is not None:
+            return values
+    raise CheckpointError(f"checkpoint {ckpt.path} has no tensor model/{shard.name}")
+
+
+def fetch_moments(ckpt: Checkpoint, shard: Shard) -> dict[str, torch.Tensor]:
+    """Adam's two moments of a parameter's block, fp32."""
+    out = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        values = ckpt.fetch(f"optim/{shard.name}/{key}", shard.box, torch.float32)
+        if values is None:
+            raise CheckpointError(f"checkpoint {ckpt.path} has optimizer steps but no "
+                                  f"optim/{shard.name}/{key}")
+        out[key] = values
+    return out
+
+
+def check_fit(ckpt: Checkpoint, params: list[Shard]) -> None:
+    """Every parameter exists in the checkpoint at the same global shape, and nothing more."""
+    stored = {n.split("/", 1)[1] for n in ckpt.tensors if n.startswith("model/")}
+    ours = {s.name for s in params}
+    if stored != ours:
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} does not fit this model: missing "
+            f"{sorted(ours - stored)[:4]}, unexpected {sorted(stored - ours)[:4]}")
+    for s in params:
+        saved = tuple(ckpt.tensors[f"model/{s.name}"]["shape"])
+        if saved != s.global_shape:
+            raise CheckpointError(f"checkpoint {ckpt.path}: {s.name} has global shape {saved}, "
+                                  f"this model needs {s.global_shape}")
+
+
+def load_checkpoint(ckpt: Checkpoint, model: nn.Module, stepper, topology: Topology) -> dict[str, Any]:
+    """Load model, optimizer state and this rank's RNG state from a checkpoint written under
+    any layout. Collective. Stage 1 reads and checks everything into new tensors; if any rank
+    failed, every rank raises and nothing was changed; stage 2 copies. Returns the metadata,
+    with "rng_restored" saying whether this rank got its own saved RNG state back."""
+    error, apply = None, []
+    meta = dict(ckpt.meta)
+    try:
+        params = shards(model, topology)
+        check_fit(ckpt, params)
+        staged = [(s.param, fetch_param(ckpt, s)) for s in params]
+        apply.append(lambda: _copy_params(staged))
+        apply += stepper.stage_state(ckpt, params, topology)
+        rng = ckpt.manifest["rng"].get(str(topology.rank))
+        meta["rng_restored"] = rng is not None and meta["layout"]["world_size"] == topology.layout.world_size
+        if meta["rng_restored"]:
+            states = {k.rsplit("/", 1)[1]: ckpt._load_file(rng["file"])[k].clone() for k in rng["keys"]}
+            apply.append(lambda: _set_rng(states))
+    except CheckpointError as exc:
+        error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks, not hang them
+        error = f"{type(exc).__name__}: {exc}"
+    agree(error, f"loading checkpoint {ckpt.path}")
+    for fn in apply:
+        fn()
+    return meta
+
+
+def _copy_params(staged: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
     with torch.no_grad():
-        for name, tensor in own.items():
-            tensor.copy_(saved[name])
-    return {k: v for k, v in ckpt.items() if k != "model"}
+        for param, values in staged:
+            param.copy_(values.to(param.device, param.dtype))
+
+
+def _set_rng(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def load_weights(ckpt: Checkpoint, model: nn.Module) -> None:
+    """Model weights only (fine-tuning start), into a plainly built model BEFORE any parallel
+    transform. Local, no collectives; checks every tensor before copying any."""
+    params = [Shard(n, p, tuple(p.shape), Box.whole(p.shape), "world") for n, p in model.named_parameters()]
+    check_fit(ckpt, params)
+    _copy_params([(s.param, fetch_param(ckpt, s)) for s in params])

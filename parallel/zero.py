@@ -19,7 +19,7 @@ refuses zero_stage 3.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -119,7 +119,9 @@ class ZeroStepper:
         device = next(model.parameters()).device
         os.environ.setdefault("LOCAL_RANK", str(local_rank))  # the engine asserts it is set
         deepspeed = import_deepspeed(device.type == "cuda")
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+        from deepspeed.moe.utils import (
+            split_params_into_different_moe_groups_for_optimizer,
+        )
 
         group_name = register_groups(model, topology)
         optimizer = make_optimizer(split_params_into_different_moe_groups_for_optimizer(groups))
@@ -152,3 +154,13 @@ class ZeroStepper:
     def finish(self) -> torch.Tensor:
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(norm if norm is not None else float("nan"), dtype=torch.float32)
+
+    def export_state(self, params, topology: Topology):
+        from parallel.zero_state import export_state
+
+        return export_state(self.optimizer, params, topology)
+
+    def stage_state(self, ckpt, params, topology: Topology) -> list:
+        from parallel.zero_state import stage_state
+
+        return stage_state(self.optimizer, ckpt, params)

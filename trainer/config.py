@@ -98,20 +98,35 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Plain full checkpoints: model weights at their global shape, plus the config."""
+    """Sharded, reshardable checkpoints in <run_dir>/checkpoints (see parallel/checkpoint.py)."""
 
     interval: int = 0
     """Save every this many steps; 0 = only at the end."""
     save_final: bool = True
     """Save when training ends."""
+    keep_last: int = 0
+    """Keep only the newest this many checkpoints (the newest is never deleted); 0 keeps all."""
+    resume: str | None = None
+    """Resume model, optimizer, data position and RNG: a checkpoint directory, a run's
+    checkpoints folder (its `latest`), or auto (the newest verified checkpoint of this run,
+    a fresh start when there is none). Any parallel layout may load it."""
     init_from: str | None = None
-    """Load model weights from this checkpoint file before training (any ep layout)."""
+    """Start from the model weights of this checkpoint (any layout), with a fresh optimizer
+    and step 0: fine-tuning. Excludes resume."""
 
     def validate(self) -> None:
-        if self.interval < 0:
-            raise ConfigError(f"checkpoint.interval ({self.interval}) must be >= 0")
-        if self.init_from is not None and not Path(self.init_from).is_file():
-            raise ConfigError(f"checkpoint.init_from ({self.init_from}) is not a file")
+        for name in ("interval", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"checkpoint.{name} ({getattr(self, name)}) must be >= 0")
+        for name in ("resume", "init_from"):
+            value = getattr(self, name)
+            if value is not None and value != "auto" and not Path(value).is_dir():
+                raise ConfigError(f"checkpoint.{name} ({value}) is not a checkpoint directory")
+        if self.init_from == "auto":
+            raise ConfigError("checkpoint.init_from (auto) must be a path; auto is for resume")
+        if self.resume is not None and self.init_from is not None:
+            raise ConfigError(f"checkpoint.resume ({self.resume}) and checkpoint.init_from "
+                              f"({self.init_from}) exclude each other")
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Token data for LM training: corpora, a resumable sharded sampler, and eval batches.
 
 Pure data logic (no torch.distributed): every dp rank builds the same corpus and the same
-global stream of samples, then takes its own disjoint slice of it. The stream position is a
-pure function of the micro-step, so resuming a run only needs the micro-step count.
+global stream of samples, then takes its own disjoint slice of it. The stream position is one
+number, the global samples seen, so resuming a run (at any dp) only needs that count.
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ class ShardedSampler:
     Global sample g is window perm_epoch[g % num_samples], epoch = g // num_samples, and
     micro-step m on rank r takes g = (m * dp_size + r) * micro_batch_size + j. So all ranks
     together read one contiguous, disjoint block of the stream per micro-step, and the data
-    position is just the micro-step count (exact resume without sampler state).
+    position is one number, the global samples seen: a resumed run continues at the first
+    unseen sample even when dp or the batch size changed (`batch_at`).
     """
 
     def __init__(self, tokens, seq_len: int, micro_batch_size: int, dp_rank: int,
@@ -197,7 +198,15 @@ class ShardedSampler:
         """(inputs, targets), both int64 (micro_batch_size, seq_len); targets shifted by one."""
         if micro_step < 0:
             raise ValueError(f"micro_step ({micro_step}) must be >= 0")
-        base = (micro_step * self.dp_size + self.dp_rank) * self.micro_batch_size
+        return self.batch_at(micro_step * self.dp_size * self.micro_batch_size)
+
+    def batch_at(self, first_sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's batch of the micro-step whose global samples start at `first_sample`:
+        samples first_sample + dp_rank * micro_batch_size + j. The data position of a run is
+        therefore one number, the global samples seen, whatever dp was."""
+        if first_sample < 0:
+            raise ValueError(f"first_sample ({first_sample}) must be >= 0")
+        base = first_sample + self.dp_rank * self.micro_batch_size
         samples = [self._sample(base + j) for j in range(self.micro_batch_size)]
         idx = torch.tensor(samples)[:, None] * self.seq_len + self._offsets  # (B, L+1)
         if self._is_torch:
@@ -207,8 +216,8 @@ class ShardedSampler:
         if self.vocab_size is not None:  # cheap per batch; token files can hold anything
             lo, hi = int(windows.min()), int(windows.max())
             if hi >= self.vocab_size or lo < 0:
-                raise ConfigError(f"token {hi if hi >= self.vocab_size else lo} at micro-step "
-                                  f"{micro_step} is outside [0, vocab_size={self.vocab_size})")
+                raise ConfigError(f"token {hi if hi >= self.vocab_size else lo} in the batch at "
+                                  f"global sample {base} is outside [0, vocab_size={self.vocab_size})")
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from parallel.checkpoint import save_full_checkpoint
+from parallel.checkpoint import load_checkpoint, save_checkpoint
+from parallel.checkpoint_store import Checkpoint
 from parallel.topology import Topology
 from trainer.data import RankData
 from trainer.metrics import MetricsWriter, Throughput, expert_load_stats, load_heatmap
@@ -54,6 +55,10 @@ class Trainer:
         self.tokens_per_step = (topology.size("dp") * self.cfg.micro_batch_size
                                 * self.cfg.grad_accum * self.cfg.seq_len)
         self.step = 0
+        self.samples_per_micro = topology.size("dp") * self.cfg.micro_batch_size
+        # Data position: global samples seen at step `origin_step` (both 0 unless resumed).
+        self.origin_step, self.origin_samples = 0, 0
+        self.resumed_from: Path | None = None
         self.last_heatmap = 0
         self.history: list[dict] = []  # eval losses
         self.train_history: list[dict] = []  # train loss at every log step
@@ -63,7 +68,7 @@ class Trainer:
         self.model.train()
         self.stepper.begin(lr_at(self.step, self.cfg))
         for micro in range(self.cfg.grad_accum):
-            x, y = self.sampler.batch(self.step * self.cfg.grad_accum + micro)
+            x, y = self.sampler.batch_at(self.samples_seen + micro * self.samples_per_micro)
             out = self.stepper.forward(x.to(self.device), y.to(self.device))
             self.stepper.backward(out.loss)
             window.add(out, self.cfg.grad_accum)
@@ -107,17 +112,42 @@ class Trainer:
         self.metrics.scalars(self.step, scalars)
         return scalars
 
-    def save(self, name: str) -> Path:
-        path = self.run_dir / "checkpoints" / name
-        meta = {"step": self.step, "tokens_seen": self.step * self.tokens_per_step,
-                "layout": vars(self.topology.layout), "config": self.job.to_dict()}
-        save_full_checkpoint(path, self.model, self.topology, meta)
-        return path
+    @property
+    def samples_seen(self) -> int:
+        """Global training samples consumed before the current step."""
+        steps = self.step - self.origin_step
+        return self.origin_samples + steps * self.cfg.grad_accum * self.samples_per_micro
+
+    def save(self) -> Path:
+        """A checkpoint of everything needed to continue, under any layout. Collective."""
+        meta = {"step": self.step, "samples_seen": self.samples_seen,
+                "tokens_seen": self.samples_seen * self.cfg.seq_len,
+                "layout": vars(self.topology.layout), "zero_stage": self.job.parallel.zero_stage,
+                "moe_backend": self.job.moe.backend, "config": self.job.to_dict()}
+        return save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.stepper,
+                               self.topology, meta, self.job.checkpoint.keep_last)
+
+    def resume(self, ckpt: Checkpoint) -> dict:
+        """Continue from `ckpt` (saved under any layout): weights, optimizer state, step, data
+        position (the first unseen global sample), and this rank's RNG state when the world
+        size is unchanged. Collective."""
+        meta = load_checkpoint(ckpt, self.model, self.stepper, self.topology)
+        self.step = self.origin_step = meta["step"]
+        self.origin_samples = meta["samples_seen"]
+        self.resumed_from = ckpt.path
+        if self.is_main:
+            rng = ("restored" if meta["rng_restored"] else
+                   f"not restored (saved by {meta['layout']['world_size']} ranks, now "
+                   f"{self.topology.layout.world_size}): the seeded state of this run is kept")
+            print(f"resumed from {ckpt.path}: step {self.step}, {self.origin_samples} samples "
+                  f"seen; saved at layout {meta['layout']}, zero_stage {meta['zero_stage']}; "
+                  f"RNG {rng}", flush=True)
+        return meta
 
     def fit(self) -> dict:
         cfg, log_cfg, ck = self.cfg, self.job.logging, self.job.checkpoint
-        bar = tqdm(total=cfg.steps, disable=not (self.is_main and log_cfg.progress),
-                   desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step, dynamic_ncols=True,
+                   disable=not (self.is_main and log_cfg.progress), desc="train", unit="step")
         throughput, window = Throughput(), _Window()
         start, eval_loss, scalars = time.perf_counter(), float("nan"), {}
         while self.step < cfg.steps:
@@ -138,15 +168,15 @@ class Trainer:
                 if self.is_main:
                     bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
             if ck.interval and self.step % ck.interval == 0 and not (last and ck.save_final):
-                self.save(f"step_{self.step:06d}.pt")
+                self.save()
         bar.close()
         elapsed = time.perf_counter() - start
         summary = {"steps": self.step, "final_eval_loss": eval_loss,
                    "final_train_loss": scalars.get("train/loss"), "elapsed_s": elapsed,
-                   "tokens_per_s": self.step * self.tokens_per_step / elapsed, "evals": self.history,
+                   "tokens_per_s": (self.step - self.origin_step) * self.tokens_per_step / elapsed, "evals": self.history,
                    "train": self.train_history}
-        if ck.save_final:
-            summary["checkpoint"] = str(self.save(f"step_{self.step:06d}.pt"))
+        if ck.save_final and self.step > self.origin_step:
+            summary["checkpoint"] = str(self.save())
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics.close()

@@ -10,8 +10,11 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from parallel.checkpoint import Piece, fetch_moments
+from parallel.checkpoint_store import Checkpoint
 from parallel.data_parallel import clip_gradients_, reduce_gradients
 from parallel.expert_parallel import split_parameters
+from parallel.shards import Shard
 from parallel.topology import Topology
 from trainer.config import TrainConfig
 
@@ -57,6 +60,10 @@ class Stepper(Protocol):
 
     def finish(self) -> torch.Tensor: ...
 
+    def export_state(self, params, topology): ...  # -> (checkpoint pieces, Adam step count)
+
+    def stage_state(self, ckpt, params, topology) -> list: ...  # -> closures that install it
+
 
 class PlainStepper:
     """zero_stage 0: every rank keeps the full optimizer state of its own parameters."""
@@ -83,6 +90,32 @@ class PlainStepper:
         norm = clip_gradients_(self.dense, self.expert, self.cfg.grad_clip, self.topology)
         self.optimizer.step()
         return norm
+
+    def export_state(self, params: list[Shard], topology: Topology) -> tuple[list[Piece], int | None]:
+        """Adam's moments of the parameter blocks this rank writes (the first replica of
+        each), and the step count (None before the first step)."""
+        pieces, step = [], None
+        for s in params:
+            state = self.optimizer.state.get(s.param, {})
+            if "step" in state:
+                step = int(state["step"])
+            if state and s.writes_whole(topology):
+                pieces += [Piece(f"optim/{s.name}/{k}", s.global_shape, s.box, (0, s.box.numel), state[k])
+                           for k in ("exp_avg", "exp_avg_sq")]
+        return pieces, step
+
+    def stage_state(self, ckpt: Checkpoint, params: list[Shard], topology: Topology) -> list:
+        """Read every parameter's moments; returns the closure that installs them."""
+        step = ckpt.meta.get("adam_step")
+        staged = [(s.param, fetch_moments(ckpt, s)) for s in params] if step is not None else []
+
+        def install() -> None:
+            self.optimizer.state.clear()
+            for p, moments in staged:
+                self.optimizer.state[p] = {"step": torch.tensor(float(step))} | {
+                    k: v.to(p.device, p.dtype) for k, v in moments.items()}
+
+        return [install]
 
 
 def build_stepper(model: nn.Module, topology: Topology, cfg: TrainConfig, zero_stage: int,

@@ -4,6 +4,7 @@
 in test_layouts.py.)
 """
 
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +13,14 @@ import torch.nn.functional as F
 from model.config import ModelConfig, MoEConfig
 from model.moe import build_moe
 from model.transformer import TransformerLM
-from parallel.checkpoint import load_full_checkpoint, save_full_checkpoint
+from parallel.checkpoint import load_checkpoint, save_checkpoint
+from parallel.checkpoint_store import open_checkpoint
 from parallel.collectives import ProcessGroupExpertComm
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.topology import Layout, Topology
 from tests.distributed.spawn import run_distributed
+from trainer.config import TrainConfig
+from trainer.optim import PlainStepper
 
 D, E, T = 16, 4, 16  # tokens per rank: capacity = ceil(T / E * top_k * 1.0) = 8 per expert
 
@@ -101,11 +105,12 @@ def _cross(rank, world, path, src, dst):
     source = TransformerLM(CFG, _moe(src))
     apply_expert_parallel(source, topo)
     tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(rank))
-    save_full_checkpoint(path, source, topo, {"step": 0})
+    meta = {"step": 0, "layout": vars(topo.layout)}
+    saved = save_checkpoint(Path(path), 0, source, PlainStepper(source, topo, TrainConfig()), topo, meta)
     torch.manual_seed(123)  # different initial weights: everything must come from the file
     target = TransformerLM(CFG, _moe(dst))
-    load_full_checkpoint(path, target)
     apply_expert_parallel(target, topo)
+    load_checkpoint(open_checkpoint(saved), target, PlainStepper(target, topo, TrainConfig()), topo)
     torch.testing.assert_close(_loss(target, tokens), _loss(source, tokens), rtol=1e-5, atol=1e-6)
     return _loss(target, tokens)
 
@@ -115,4 +120,4 @@ def _cross(rank, world, path, src, dst):
 def test_checkpoint_moves_between_backends(tmp_path, src, dst):
     """Saved at ep 2 by one backend, loaded at ep 2 by the other: the same loss on the same
     batch (load-balancing loss off: DeepSpeed's top-2 form differs by design)."""
-    run_distributed(_cross, world_size=2, args=(str(tmp_path / "ckpt.pt"), src, dst), timeout_s=120)
+    run_distributed(_cross, world_size=2, args=(str(tmp_path / "checkpoints"), src, dst), timeout_s=120)

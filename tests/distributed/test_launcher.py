@@ -18,7 +18,8 @@ import torch
 
 from launcher.config import load_config
 from model.transformer import TransformerLM
-from parallel.checkpoint import load_full_checkpoint
+from parallel.checkpoint import load_weights
+from parallel.checkpoint_store import open_checkpoint
 from trainer.data import eval_batches, load_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -74,8 +75,10 @@ def test_default_run_learns_and_its_checkpoint_reproduces_the_eval_loss(tmp_path
     # reproduces the eval loss the 4 ranks computed together (mean over their eval shards).
     job = load_config(["--config", TINY])
     model = TransformerLM(job.model, job.moe)
-    meta = load_full_checkpoint(summary["checkpoint"], model)
-    assert meta["step"] == steps and meta["layout"]["ep"] == 4
+    ckpt = open_checkpoint(summary["checkpoint"])
+    ckpt.verify()
+    load_weights(ckpt, model)
+    assert ckpt.step == steps and ckpt.meta["layout"]["ep"] == 4
     corpus = load_corpus(job.data)
     losses = []
     with torch.no_grad():
@@ -170,7 +173,7 @@ def test_single_process_without_a_launcher(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "launch: single" in proc.stdout and "world 1 = dp 1" in proc.stdout
-    assert (tmp_path / "checkpoints" / "step_000002.pt").is_file()
+    assert (tmp_path / "checkpoints" / "step_00000002" / "COMMIT").is_file()
 
 
 @pytest.mark.distributed

@@ -1,0 +1,268 @@
+"""Checkpoint files on disk: shard files, the manifest, the commit marker, `latest`, retention,
+verification and reading pieces back. No collectives: usable from one process (the inspect
+CLI, tests) as well as from every rank of a job (parallel/checkpoint.py).
+
+A committed checkpoint is a directory
+
+    step_00000200/
+        shard_00000.pt ... shard_NNNNN.pt   torch.save of {key: 1-D or box-shaped tensor}, one
+                                             per writing rank, each holding the pieces it owns
+        manifest.json                        every tensor: global shape, dtype, pieces (box,
+                                             flat range, file, key); every file: bytes, sha256;
+                                             step, layout, config, data and RNG state
+        COMMIT                               written last; holds the manifest's sha256
+
+It is written as `step_00000200.partial/` and renamed once COMMIT is in it, so a checkpoint
+directory without `.partial` is complete; `latest` (a file holding the name) moves after the
+rename. Shard files are named by the writing rank only for uniqueness: their content is
+addressed by global boxes, so any layout reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.errors import ConfigError
+from parallel.shards import Box, fill_box
+
+FORMAT = "moe-train/sharded"
+VERSION = 1
+MANIFEST, COMMIT, LATEST = "manifest.json", "COMMIT", "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that is missing, incomplete, corrupted or does not fit the run."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Temporary name, fsync, rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Write one rank's pieces atomically; returns its manifest record (bytes, sha256)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def commit(staging: Path, final: Path, manifest: dict[str, Any]) -> None:
+    """Manifest, then COMMIT, then the directory rename, then `latest`. A crash at any point
+    leaves either no new checkpoint or a complete one."""
+    data = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    write_atomic(staging / MANIFEST, data)
+    write_atomic(staging / COMMIT, hashlib.sha256(data).hexdigest().encode())
+    _fsync_dir(staging)
+    if final.exists():  # the same step saved again (a rerun into the same run dir)
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+    _fsync_dir(final.parent)
+    write_atomic(final.parent / LATEST, final.name.encode())
+
+
+def committed(root: Path) -> list[Path]:
+    """Committed checkpoint directories under `root`, newest step first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and d.is_dir() and (d / COMMIT).is_file():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found, reverse=True)]
+
+
+def retain(root: Path, keep_last: int) -> list[str]:
+    """Delete committed checkpoints beyond the newest `keep_last` (0 keeps all). Never the
+    newest, never raises: returns warnings for what could not be deleted."""
+    warnings = []
+    for old in committed(root)[max(keep_last, 1):] if keep_last else []:
+        try:
+            # Un-commit first, so a half-deleted directory can never pass for a checkpoint.
+            os.remove(old / COMMIT)
+            shutil.rmtree(old)
+        except OSError as exc:
+            warnings.append(f"could not delete old checkpoint {old}: {exc}")
+    return warnings
+
+
+@dataclass
+class Checkpoint:
+    """A committed checkpoint opened for reading. `open_checkpoint` checks its structure
+    (marker, manifest checksum, format, files present with their sizes, pieces tiling every
+    tensor); file checksums are checked when a file is first read, or all by `verify()`."""
+
+    path: Path
+    manifest: dict[str, Any]
+    _files: dict[str, dict] = field(default_factory=dict, repr=False)  # loaded shard files
+
+    @property
+    def step(self) -> int:
+        return self.manifest["step"]
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.manifest["meta"]
+
+    @property
+    def tensors(self) -> dict[str, dict]:
+        return self.manifest["tensors"]
+
+    def _load_file(self, name: str) -> dict:
+        if name not in self._files:
+            path, rec = self.path / name, self.manifest["files"][name]
+            if sha256_file(path) != rec["sha256"]:
+                raise CheckpointError(f"checkpoint file {path} is corrupted: its sha256 does not "
+                                      "match the manifest")
+            try:
+                self._files[name] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is the same error
+                raise CheckpointError(f"checkpoint file {path} cannot be read: {exc}") from None
+        return self._files[name]
+
+    def verify(self) -> None:
+        """Read every file and check its checksum."""
+        for name in self.manifest["files"]:
+            self._load_file(name)
+
+    def fetch(self, name: str, target: Box, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """The block `target` of global tensor `name` (None if the checkpoint lacks it)."""
+        info = self.tensors.get(name)
+        if info is None:
+            return None
+        dtype = dtype or getattr(torch, info["dtype"])
+        by_box: dict[Box, list] = {}
+        for piece in info["pieces"]:
+            box = Box.from_json(piece["box"])
+            if box.intersect(target) is not None:
+                by_box.setdefault(box, []).append(piece)
+        pieces = []
+        for box, frags in by_box.items():  # fragments of one box: concatenate in flat order
+            frags.sort(key=lambda f: f["flat"][0])
+            flat = torch.cat([self._load_file(f["file"])[f["key"]].reshape(-1) for f in frags])
+            pieces.append((box, flat.view(box.sizes)))
+        out = fill_box(target, pieces, dtype)
+        if out is None:
+            raise CheckpointError(f"{self.path}: tensor {name} does not cover block {target}")
+        return out
+
+    def full(self, name: str) -> torch.Tensor:
+        return self.fetch(name, Box.whole(self.tensors[name]["shape"]))
+
+
+def _check_tiling(path: Path, name: str, info: dict) -> None:
+    """The boxes of a tensor tile its global shape and the fragments of each box tile the box
+    (counted by elements; writers are unique by construction, see parallel/shards.py)."""
+    total, per_box = 0, {}
+    for piece in info["pieces"]:
+        box = Box.from_json(piece["box"])
+        lo, hi = piece["flat"]
+        per_box.setdefault(box, 0)
+        per_box[box] += hi - lo
+    whole = Box.whole(info["shape"]).numel
+    for box, n in per_box.items():
+        if n != box.numel:
+            raise CheckpointError(f"{path}: tensor {name} block {box.to_json()} has {n} of "
+                                  f"{box.numel} elements")
+        total += n
+    if total != whole:
+        raise CheckpointError(f"{path}: tensor {name} has {total} of {whole} elements")
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open and structurally check a checkpoint directory; errors name the file at fault."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a directory)")
+    marker, man = path / COMMIT, path / MANIFEST
+    if not marker.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {COMMIT} marker: it was never "
+                              "completed (interrupted save?)")
+    if not man.is_file():
+        raise CheckpointError(f"checkpoint {path}: {man} is missing")
+    data = man.read_bytes()
+    if hashlib.sha256(data).hexdigest() != marker.read_text().strip():
+        raise CheckpointError(f"checkpoint {path}: {man} does not match the checksum in {marker}")
+    manifest = json.loads(data)
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CheckpointError(f"checkpoint {path}: format {manifest.get('format')} version "
+                              f"{manifest.get('version')}, this code reads {FORMAT} {VERSION}")
+    for name, rec in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {f} is missing")
+        if f.stat().st_size != rec["bytes"]:
+            raise CheckpointError(f"checkpoint file {f} has {f.stat().st_size} bytes, the "
+                                  f"manifest says {rec['bytes']} (truncated or replaced)")
+    for name, info in manifest["tensors"].items():
+        _check_tiling(path, name, info)
+    return Checkpoint(path, manifest)
+
+
+def resolve(spec: str, root: Path) -> tuple[Checkpoint | None, list[str]]:
+    """`spec` is a checkpoint directory, its parent (`latest` or newest inside), or "auto"
+    (newest committed one under `root` that opens and verifies; None when there is none).
+    Returns the checkpoint and messages about those skipped."""
+    if spec != "auto":
+        path = Path(spec)
+        if path.is_dir() and not (path / MANIFEST).exists() and not (path / COMMIT).exists():
+            latest = path / LATEST
+            candidates = ([path / latest.read_text().strip()] if latest.is_file()
+                          else committed(path)[:1])
+            if not candidates:
+                raise CheckpointError(f"{path} holds no committed checkpoint")
+            path = candidates[0]
+        return open_checkpoint(path), []
+    skipped = []
+    for path in committed(root):
+        try:
+            ckpt = open_checkpoint(path)
+            ckpt.verify()
+            return ckpt, skipped
+        except CheckpointError as exc:
+            skipped.append(f"skipping broken checkpoint {path}: {exc}")
+    return None, skipped

@@ -1,0 +1,121 @@
+"""Where each rank's piece of a parameter sits in the global tensor, and who writes it.
+
+A checkpoint stores every tensor at its global shape as a set of pieces. A piece is a `Box`
+(the block of the global tensor one rank holds: its tensor-parallel or expert-parallel slice)
+and a flat range inside that box (the whole box, or the fragment of it that a ZeRO partition
+owns). Nothing here depends on which layout wrote a piece: loading under another layout only
+intersects boxes.
+
+    experts      dim 0 split over ep (global expert id = ep_rank * E_local + e), replicated
+                 over edp (tp partners included)
+    tp-sharded   dim `tp_partition_dim` split over tp, replicated over dp
+    other dense  replicated over the whole world
+
+Pure arithmetic plus parameter attributes: no collectives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from parallel.topology import Topology
+
+
+@dataclass(frozen=True)
+class Box:
+    """A block of a global tensor: per-dim offsets and sizes."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.sizes:
+            n *= s
+        return n
+
+    def intersect(self, other: Box) -> Box | None:
+        lo = tuple(max(a, b) for a, b in zip(self.offsets, other.offsets))
+        hi = tuple(min(a + s, b + t) for a, s, b, t in
+                   zip(self.offsets, self.sizes, other.offsets, other.sizes))
+        if any(h <= lo_ for lo_, h in zip(lo, hi)):
+            return None
+        return Box(lo, tuple(h - lo_ for lo_, h in zip(lo, hi)))
+
+    def slices_within(self, outer: Box) -> tuple[slice, ...]:
+        """Index of this box inside a tensor that holds `outer`."""
+        return tuple(slice(o - p, o - p + s) for o, s, p in zip(self.offsets, self.sizes, outer.offsets))
+
+    def to_json(self) -> list[list[int]]:
+        return [list(self.offsets), list(self.sizes)]
+
+    @classmethod
+    def from_json(cls, value) -> Box:
+        return cls(tuple(value[0]), tuple(value[1]))
+
+    @classmethod
+    def whole(cls, shape) -> Box:
+        return cls(tuple(0 for _ in shape), tuple(shape))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One parameter as this rank holds it."""
+
+    name: str
+    param: nn.Parameter
+    global_shape: tuple[int, ...]
+    box: Box
+    replicated_over: str  # "edp" (experts), "dp" (tp-sharded dense), "world" (other dense)
+
+    def writes_whole(self, topology: Topology) -> bool:
+        """Without ZeRO every replica holds the whole box: the first replica writes it."""
+        if self.replicated_over == "edp":
+            return topology.coord("edp") == 0
+        if self.replicated_over == "dp":
+            return topology.coord("dp") == 0
+        return topology.rank == 0
+
+    def writes_partition(self, topology: Topology) -> bool:
+        """Under ZeRO the partition group (dp, or edp for experts) splits the box, so each
+        fragment has one owner, except that dense parameters tp does not split are
+        partitioned once per tp rank: tp rank 0's copy is written."""
+        return self.replicated_over != "world" or topology.coord("tp") == 0
+
+
+def shards(model: nn.Module, topology: Topology) -> list[Shard]:
+    """Every parameter of the (already tp/ep-transformed) model, in named_parameters order."""
+    expert_ids = {id(p) for layer in model.moe_layers() for p in layer.experts.parameters()}
+    ep, tp = topology.size("ep"), topology.size("tp")
+    out = []
+    for name, p in model.named_parameters():
+        offsets, shape = [0] * p.dim(), list(p.shape)
+        if id(p) in expert_ids:
+            offsets[0], shape[0] = topology.coord("ep") * p.shape[0], p.shape[0] * ep
+            kind = "edp"
+        elif getattr(p, "tp_partition_dim", None) is not None:
+            d = p.tp_partition_dim
+            offsets[d], shape[d] = topology.coord("tp") * p.shape[d], p.shape[d] * tp
+            kind = "dp"
+        else:
+            kind = "world"
+        out.append(Shard(name, p, tuple(shape), Box(tuple(offsets), tuple(p.shape)), kind))
+    return out
+
+
+def fill_box(target: Box, pieces: list[tuple[Box, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor | None:
+    """Assemble the block `target` from whole-box pieces that tile the global tensor.
+    Returns None when the pieces leave any element of `target` uncovered."""
+    out = torch.empty(target.sizes, dtype=dtype)
+    covered = 0
+    for box, tensor in pieces:
+        common = box.intersect(target)
+        if common is None:
+            continue
+        out[common.slices_within(target)] = tensor[common.slices_within(box)].to(dtype)
+        covered += common.numel
+    return out if covered == target.numel else None
