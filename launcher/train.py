@@ -135,6 +135,8 @@ def run(argv: list[str]) -> dict:
               f"{_first(found)} (is the run dir on a shared file system?)", "choosing a checkpoint")
         resume = ckpt if job.checkpoint.resume else None
         model = build_model(job, topology, device, ckpt if job.checkpoint.init_from else None)
+        if env.rank == 0 and job.checkpoint.init_from:
+            print(f"weights from {ckpt.path} (step {ckpt.step}); optimizer and step start fresh")
         trainer = Trainer(job, model, topology, device, data, env.local_rank)
         if resume is not None:
             trainer.resume(resume)

@@ -61,7 +61,8 @@ class Piece(NamedTuple):
         return f"{self.name}|{','.join(map(str, self.box.offsets))}|{self.flat[0]}"
 
 
-# Fault injection for the tests: the rank named here SIGKILLs itself after writing its shard.
+# Fault injection for the tests: "RANK@STEP" makes that rank SIGKILL itself right after
+# writing its shard of the checkpoint of that step, before the commit.
 KILL_IN_SAVE_ENV = "MOE_TEST_KILL_RANK_IN_SAVE"
 
 
@@ -134,21 +135,25 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, stepper, topology: 
     agree(error, f"saving checkpoint {final}")
 
     # 1. Every rank writes the pieces it owns, and its RNG state.
-    params = shards(model, topology)
-    optim, adam_step = stepper.export_state(params, topology)
-    pieces = model_pieces(params, topology) + optim
     file = f"shard_{topology.rank:05d}.pt"
-    rng = {f"rng/{topology.rank}/{k}": v for k, v in rng_state().items()}
-    record, error = None, None
+    record, error, listing, rng, adam_step = None, None, [], {}, None
     try:
+        params = shards(model, topology)
+        optim, adam_step = stepper.export_state(params, topology)
+        pieces = model_pieces(params, topology) + optim
+        rng = {f"rng/{topology.rank}/{k}": v for k, v in rng_state().items()}
+        listing = [(p.name, p.shape, str(p.tensor.dtype).removeprefix("torch."), p.box.to_json(),
+                    list(p.flat), p.key) for p in pieces]
         record = write_shard(staging / file, {p.key: p.tensor for p in pieces} | rng)
     except OSError as exc:
         error = f"cannot write {staging / file}: {exc}"
-    if os.environ.get(KILL_IN_SAVE_ENV) == str(topology.rank):
+    except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks, not hang them
+        error = f"{type(exc).__name__}: {exc}"
+    if os.environ.get(KILL_IN_SAVE_ENV) == f"{topology.rank}@{step}":
         os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die with the shard half-committed
-    listing = [(p.name, p.shape, str(p.tensor.dtype).removeprefix("torch."), p.box.to_json(),
-                list(p.flat), p.key) for p in pieces]
     results = _exchange((error, file, record, listing, list(rng), adam_step))
+    if topology.rank == 0 and any(r[0] for r in results):
+        shutil.rmtree(staging, ignore_errors=True)
     _raise_failed([r[0] for r in results], f"saving checkpoint {final}")
 
     # 2. Rank 0 writes the manifest and commits; everyone learns the outcome.

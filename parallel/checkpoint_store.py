@@ -250,12 +250,11 @@ def resolve(spec: str, root: Path) -> tuple[Checkpoint | None, list[str]]:
     if spec != "auto":
         path = Path(spec)
         if path.is_dir() and not (path / MANIFEST).exists() and not (path / COMMIT).exists():
-            latest = path / LATEST
-            candidates = ([path / latest.read_text().strip()] if latest.is_file()
-                          else committed(path)[:1])
-            if not candidates:
+            latest = path / LATEST  # a checkpoints folder: its latest, else its newest
+            inside = [path / latest.read_text().strip()] if latest.is_file() else committed(path)
+            if not inside and not any(path.glob("shard_*.pt")):
                 raise CheckpointError(f"{path} holds no committed checkpoint")
-            path = candidates[0]
+            path = inside[0] if inside else path
         return open_checkpoint(path), []
     skipped = []
     for path in committed(root):

@@ -11,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,26 +19,8 @@ from launcher.config import load_config
 from model.transformer import TransformerLM
 from parallel.checkpoint import load_weights
 from parallel.checkpoint_store import open_checkpoint
+from tests.distributed.launch import ROOT, SMALL, TINY, _env, torchrun
 from trainer.data import eval_batches, load_corpus
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = "configs/cpu_tiny.yaml"
-# A few-second model for the tests that check plumbing rather than learning.
-SMALL = ["--model.dim=32", "--model.n_layers=2", "--model.n_heads=2", "--moe.expert_hidden=32",
-         "--train.micro_batch_size=2", "--train.seq_len=32", "--train.eval_batches=2"]
-
-
-def _env(**extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "SLURM_", "TORCHELASTIC"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
-    return env
-
-
-def torchrun(nproc: int, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--standalone", "-m", "launcher.train", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.distributed

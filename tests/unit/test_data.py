@@ -247,6 +247,23 @@ def test_epoch_wrap_each_sample_once_per_epoch():
     assert epochs[0] != epochs[1]  # a fresh permutation each epoch
 
 
+def test_resume_at_another_dp_continues_at_the_first_unseen_sample():
+    """The documented policy when dp (or the micro-batch) changes on resume: the global stream
+    continues at the first unseen sample, so every sample is seen once per epoch."""
+    tokens = np.arange(60 * 4 + 1, dtype=np.int64)  # 60 windows of 4
+    seen, position = [], 0
+    for dp, mbs, micro_steps in ((4, 2, 3), (2, 3, 4), (3, 1, 4)):  # 24 + 24 + 12 samples
+        samplers = [ShardedSampler(tokens, 4, mbs, r, dp, seed=2) for r in range(dp)]
+        for _ in range(micro_steps):
+            for s in samplers:
+                inputs, _ = s.batch_at(position)
+                seen += (inputs[:, 0] // 4).tolist()
+            position += dp * mbs
+    assert sorted(seen) == list(range(60))
+    perm = torch.randperm(60, generator=torch.Generator().manual_seed(2)).tolist()
+    assert seen == perm  # and in the order of the one global stream
+
+
 def test_unshuffled_is_identity_order():
     tokens = np.arange(41, dtype=np.int64)
     s = ShardedSampler(tokens, 4, 2, 0, 1, seed=0, shuffle=False)
@@ -260,7 +277,7 @@ def test_vocab_check_names_token_vocab_and_step():
     with pytest.raises(ConfigError) as err:
         s.batch(0)
     msg = str(err.value)
-    assert "300" in msg and "256" in msg and "micro-step 0" in msg
+    assert "300" in msg and "256" in msg and "global sample 0" in msg
     ShardedSampler(tokens, 4, 100, 0, 1, seed=0, vocab_size=512).batch(0)  # in range: fine
 
 

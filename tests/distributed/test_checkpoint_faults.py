@@ -1,0 +1,179 @@
+"""Checkpoints that are damaged, incomplete, failing to write, or not fitting the model.
+
+Every refusal names the file or the values at fault, and a load that fails on any rank
+changes nothing on any rank.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import parallel.checkpoint as checkpoint
+from launcher.config import load_config
+from launcher.train import check_fits
+from parallel.checkpoint_store import (
+    CheckpointError,
+    committed,
+    open_checkpoint,
+    resolve,
+    retain,
+)
+from tests.distributed.ckpt_setup import SMALL, make_trainer, step_losses
+from tests.distributed.launch import ROOT, TINY, _env
+from tests.distributed.spawn import run_distributed
+
+
+def _two_checkpoints(rank, world, run_dir):
+    trainer = make_trainer(rank, run_dir, "dp2_ep2")
+    for _ in range(2):
+        step_losses(trainer)
+        trainer.save()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("faults")
+    run_distributed(_two_checkpoints, 2, (str(run_dir),), timeout_s=180)
+    return run_dir / "checkpoints"
+
+
+@pytest.fixture
+def copy(saved, tmp_path):
+    shutil.copytree(saved, tmp_path / "checkpoints")
+    return tmp_path / "checkpoints"
+
+
+def _flip_byte(path, offset=-100):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+DAMAGE = {
+    "no commit marker": (lambda d: (d / "COMMIT").unlink(), "COMMIT"),
+    "truncated shard": (lambda d: _truncate(d / "shard_00001.pt"), "shard_00001.pt"),
+    "corrupted shard": (lambda d: _flip_byte(d / "shard_00001.pt"), "shard_00001.pt"),
+    "missing shard": (lambda d: (d / "shard_00000.pt").unlink(), "shard_00000.pt"),
+    "edited manifest": (lambda d: _flip_byte(d / "manifest.json", 30), "manifest.json"),
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_checkpoints_are_refused_naming_the_file(copy, damage):
+    target = copy / "step_00000002"
+    harm, named = DAMAGE[damage]
+    harm(target)
+    with pytest.raises(CheckpointError, match=named):
+        open_checkpoint(target).verify()
+
+
+@pytest.mark.distributed
+def test_resume_auto_skips_a_broken_checkpoint_and_says_so(copy):
+    _flip_byte(copy / "step_00000002" / "shard_00001.pt")
+    ckpt, skipped = resolve("auto", copy)
+    assert ckpt.step == 1
+    assert len(skipped) == 1 and "step_00000002" in skipped[0] and "shard_00001.pt" in skipped[0]
+
+
+def _failed_load(rank, world, run_dir, bad):
+    trainer = make_trainer(rank, run_dir, "dp2_ep2")
+    step_losses(trainer)
+    opt = trainer.stepper.optimizer
+    before = ({n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+              {i: {k: v.clone() for k, v in opt.state[p].items()}
+               for i, p in enumerate(trainer.model.parameters())}, trainer.step, trainer.samples_seen)
+    rng = torch.get_rng_state()
+    with pytest.raises(CheckpointError) as err:
+        trainer.resume(open_checkpoint(bad))  # structure is fine: only shard_00001's bytes are bad
+    params = {n: p.detach() for n, p in trainer.model.named_parameters()}
+    assert all(torch.equal(params[n], v) for n, v in before[0].items())
+    for i, p in enumerate(trainer.model.parameters()):
+        assert all(torch.equal(opt.state[p][k], v) for k, v in before[1][i].items())
+    assert (trainer.step, trainer.samples_seen) == before[2:]
+    assert torch.equal(torch.get_rng_state(), rng)
+    return str(err.value)
+
+
+@pytest.mark.distributed
+def test_a_load_that_fails_on_one_rank_changes_nothing_on_any_rank(copy, tmp_path):
+    """Only rank 1 reads shard_00001 (its experts); rank 0 reads everything it needs fine."""
+    _flip_byte(copy / "step_00000002" / "shard_00001.pt")
+    messages = run_distributed(_failed_load, 2, (str(tmp_path / "run"), str(copy / "step_00000002")),
+                               timeout_s=180)
+    assert messages[0] == messages[1]
+    assert "rank(s) [1]" in messages[0] and "shard_00001.pt is corrupted" in messages[0]
+
+
+def _write_fails_on_rank_2(rank, world, run_dir):
+    trainer = make_trainer(rank, run_dir, "dp4_ep2")
+    step_losses(trainer)
+    if rank == 2:
+        def read_only(path, tensors):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        checkpoint.write_shard = read_only
+    with pytest.raises(CheckpointError) as err:
+        trainer.save()
+    return str(err.value)
+
+
+@pytest.mark.distributed
+def test_one_rank_failing_to_write_fails_every_rank_with_its_name(tmp_path):
+    messages = run_distributed(_write_fails_on_rank_2, 4, (str(tmp_path),), timeout_s=180)
+    assert len(set(messages)) == 1, messages
+    assert "failed on rank(s) [2]" in messages[0] and "Read-only file system" in messages[0]
+    assert committed(tmp_path / "checkpoints") == []
+    assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.distributed
+def test_retention_keeps_the_newest_and_never_fails(copy, monkeypatch):
+    shutil.copytree(copy / "step_00000002", copy / "step_00000003")
+    assert retain(copy, 2) == []
+    assert [p.name for p in committed(copy)] == ["step_00000003", "step_00000002"]
+    import parallel.checkpoint_store as store
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(store.shutil, "rmtree", refuse)
+    warnings = retain(copy, 1)
+    assert len(warnings) == 1 and "step_00000002" in warnings[0]
+    assert committed(copy)[0].name == "step_00000003"
+
+
+@pytest.mark.distributed
+def test_inspect_cli_reports_and_verifies(copy):
+    cmd = [sys.executable, "-m", "launcher.inspect_checkpoint", str(copy)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "step 2; Adam step 2" in out and "dp 2 x tp 1, ep 2, zero_stage 0" in out
+    assert "model/layers.0.ffn.experts.w1_EDF" in out and "4x32x16" in out
+    assert "verified: all 2 files" in out
+    _flip_byte(copy / "step_00000002" / "shard_00000.pt")
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "verification FAILED" in proc.stdout
+    assert "shard_00000.pt" in proc.stdout
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("override, message", [
+    ("--moe.num_experts=8", "moe.num_experts is 4 in the checkpoint and 8 here"),
+    ("--model.dim=64", "model.dim is 32 in the checkpoint and 64 here"),
+    ("--model.vocab_size=512", "model.vocab_size is 256 in the checkpoint and 512 here"),
+])
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused(saved, override, message):
+    job = load_config(["--config", TINY, *SMALL, override])
+    with pytest.raises(CheckpointError, match=message):
+        check_fits(open_checkpoint(saved / "step_00000002"), job)

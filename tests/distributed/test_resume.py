@@ -1,0 +1,66 @@
+"""Exact resume and a rank killed mid-save, through torchrun as users run it.
+
+A: 8 steps uninterrupted, checkpoints at steps 4 and 8.
+B: the same run, but rank 1 is SIGKILLed right after writing its shard of the step-8
+   checkpoint: the job fails within the collective timeout, step 8 is not visible, step 4 is
+   intact and `latest` still names it.
+C: new processes with --checkpoint.resume=auto in B's run dir: they continue from step 4, and
+   the losses of steps 5..8 and the final parameters and optimizer state are bitwise equal to
+   A's (fp32, deterministic algorithms, the same layout).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from parallel.checkpoint import KILL_IN_SAVE_ENV
+from parallel.checkpoint_store import committed, open_checkpoint, resolve
+from tests.distributed.launch import SMALL, TINY, torchrun
+
+TIMEOUT_S = 30
+ARGS = ["--config", TINY, *SMALL, "--parallel.ep=2", "--train.steps=8", "--checkpoint.interval=4",
+        "--logging.log_interval=1", "--train.eval_interval=0", "--train.deterministic=true",
+        "--logging.progress=false", "--logging.tensorboard=false", f"--parallel.timeout_s={TIMEOUT_S}"]
+
+
+def _losses(run_dir):
+    return {h["step"]: h["loss"] for h in json.loads((run_dir / "summary.json").read_text())["train"]}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_killed_save_leaves_the_previous_checkpoint_and_resume_is_exact(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    proc = torchrun(4, *ARGS, f"--logging.run_dir={a}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    start = time.monotonic()
+    proc = torchrun(4, *ARGS, f"--logging.run_dir={b}", **{KILL_IN_SAVE_ENV: "1@8"})
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0, "the job must fail when a rank dies during a save"
+    assert elapsed < 3 * TIMEOUT_S + 60, f"took {elapsed:.0f}s to fail"
+    root = b / "checkpoints"
+    assert [p.name for p in committed(root)] == ["step_00000004"]
+    assert (root / "latest").read_text() == "step_00000004"
+    assert not (root / "step_00000008").exists()
+    ckpt, skipped = resolve("auto", root)
+    assert ckpt.step == 4 and not skipped
+
+    proc = torchrun(4, *ARGS, f"--logging.run_dir={b}", "--checkpoint.resume=auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step 4" in proc.stdout
+    uninterrupted, resumed = _losses(a), _losses(b)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert [resumed[s] for s in range(5, 9)] == [uninterrupted[s] for s in range(5, 9)]
+
+    want, got = open_checkpoint(a / "checkpoints" / "step_00000008"), open_checkpoint(root / "step_00000008")
+    got.verify()
+    assert set(want.tensors) == set(got.tensors)
+    assert any(n.startswith("optim/") for n in want.tensors)
+    for name in want.tensors:
+        assert torch.equal(want.full(name), got.full(name)), name
+    assert want.meta["samples_seen"] == got.meta["samples_seen"]
