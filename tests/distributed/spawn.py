@@ -91,3 +91,35 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 12
                          f"{ERROR_GRACE_S:.0f}s of another rank failing (hang or crash); killed")
         raise AssertionError("\n".join(lines + errors))
     return [pickle.loads(outcome[r][1]) for r in range(world_size)]
+
+
+def _cases(rank, world_size, fn, cases):
+    out = {}
+    for case in cases:
+        try:
+            out[case] = ("ok", fn(rank, world_size, *case))
+        except Exception:  # noqa: BLE001 - reported by the case's own test
+            out[case] = ("error", f"--- rank {rank} ---\n{traceback.format_exc()}")
+    return out
+
+
+def run_cases(fn, world_size: int, cases: list[tuple], timeout_s: float = 300.0) -> dict:
+    """Run `fn(rank, world_size, *case)` for every case, one after another, in ONE set of
+    `world_size` processes (on 2 cores, process start-up costs more than a small case).
+    Returns {case: every rank's result in rank order, or an AssertionError carrying the
+    failing ranks' tracebacks}: each test then reports its own case. A case that fails on some ranks only
+    can leave the others waiting in a collective; the group's timeout ends that."""
+    per_rank = run_distributed(_cases, world_size, (fn, cases), timeout_s=timeout_s)
+    out = {}
+    for case in cases:
+        errors = [r[case][1] for r in per_rank if r[case][0] == "error"]
+        out[case] = AssertionError("\n".join(errors)) if errors else [r[case][1] for r in per_rank]
+    return out
+
+
+def case_result(results: dict, case: tuple):
+    """A case's result from run_cases, raising its failure in the calling test."""
+    value = results[case]
+    if isinstance(value, AssertionError):
+        raise value
+    return value

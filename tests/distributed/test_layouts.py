@@ -19,7 +19,7 @@ from parallel.data_parallel import clip_gradients_, reduce_gradients
 from parallel.expert_parallel import apply_expert_parallel, split_parameters
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import Layout, Topology
-from tests.distributed.spawn import run_distributed
+from tests.distributed.spawn import case_result, run_cases
 from trainer.config import TrainConfig
 from trainer.optim import build_optimizer
 
@@ -87,18 +87,30 @@ LAYOUTS = [  # (dp, tp, ep)
 ]
 
 
+CASES = [(dp, tp, ep, "native") for dp, tp, ep in LAYOUTS] + [(4, 1, ep, "deepspeed") for ep in (1, 2, 4)]
+
+
+@pytest.fixture(scope="module")
+def results():
+    """Every case of one world size in one set of processes."""
+    out = {}
+    for world in sorted({dp * tp for dp, tp, _, _ in CASES}):
+        out |= run_cases(_step, world, [c for c in CASES if c[0] * c[1] == world], timeout_s=400)
+    return out
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("dp, tp, ep", LAYOUTS, ids=[f"dp{a}-tp{b}-ep{c}" for a, b, c in LAYOUTS])
-def test_layout_step_equals_single_process_reference(dp, tp, ep):
-    norms = run_distributed(_step, world_size=dp * tp, args=(dp, tp, ep), timeout_s=300)
+def test_layout_step_equals_single_process_reference(results, dp, tp, ep):
+    norms = case_result(results, (dp, tp, ep, "native"))
     assert len(set(round(n, 6) for n in norms)) == 1  # every rank clips by the same norm
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("ep", [1, 2, 4])
-def test_deepspeed_backend_step_equals_native_reference(ep):
+def test_deepspeed_backend_step_equals_native_reference(results, ep):
     """moe.backend=deepspeed, dropless (drop_tokens false, no sampling), dp 4: logits, loss,
     every gradient and the parameters after one step equal the native one-process reference.
     The load-balancing loss is left out (coefficient 0): DeepSpeed's top-2 form counts only
     first choices, by design; the z-loss is in."""
-    run_distributed(_step, world_size=4, args=(4, 1, ep, "deepspeed"), timeout_s=300)
+    case_result(results, (4, 1, ep, "deepspeed"))

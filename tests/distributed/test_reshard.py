@@ -14,14 +14,12 @@ dominates on 2 cores); each case reports on its own.
 
 from __future__ import annotations
 
-import traceback
-
 import pytest
 import torch
 
 from parallel.checkpoint_store import open_checkpoint, resolve
 from tests.distributed.ckpt_setup import make_trainer, step_losses, world_of
-from tests.distributed.spawn import run_distributed
+from tests.distributed.spawn import case_result, run_cases, run_distributed
 
 SAVED = ("dp4_ep4", "dp4_ep2", "dp4_ep2_zero2", "dp2_tp2_ep2", "dp2_tp2_ep2_zero2")
 CASES = [
@@ -46,17 +44,11 @@ def _save_all(rank, world, root):
     return next_losses
 
 
-def _load_all(rank, world, root, cases):
-    out = {}
-    for src, dst in cases:
-        try:
-            ckpt, _ = resolve(f"{root}/{src}/checkpoints", root)
-            trainer = make_trainer(rank, f"{root}/{src}-to-{dst}", dst)
-            trainer.resume(ckpt)
-            out[(src, dst)] = (str(trainer.save()), step_losses(trainer))
-        except Exception:  # noqa: BLE001 - reported by this case's own test
-            out[(src, dst)] = traceback.format_exc()
-    return out
+def _load(rank, world, root, src, dst):
+    ckpt, _ = resolve(f"{root}/{src}/checkpoints", root)
+    trainer = make_trainer(rank, f"{root}/{src}-to-{dst}", dst)
+    trainer.resume(ckpt)
+    return str(trainer.save()), step_losses(trainer)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +57,8 @@ def results(tmp_path_factory):
     losses = run_distributed(_save_all, 4, (str(root),), timeout_s=300)[0]
     loaded = {}
     for world in sorted({world_of(dst) for _, dst in CASES}):
-        cases = [c for c in CASES if world_of(c[1]) == world]
-        loaded |= run_distributed(_load_all, world, (str(root), cases), timeout_s=400)[0]
+        cases = [(str(root), *c) for c in CASES if world_of(c[1]) == world]
+        loaded |= {c[1:]: r for c, r in run_cases(_load, world, cases, timeout_s=400).items()}
     return root, losses, loaded
 
 
@@ -88,9 +80,7 @@ def _assert_same_state(a, b):
 @pytest.mark.parametrize("src, dst", CASES, ids=[f"{a}-to-{b}" for a, b in CASES])
 def test_load_under_another_layout(results, src, dst):
     root, losses, loaded = results
-    outcome = loaded[(src, dst)]
-    assert not isinstance(outcome, str), outcome
-    resaved, next_loss = outcome
+    resaved, next_loss = case_result(loaded, (src, dst))[0]
     saved, _ = resolve(str(root / src / "checkpoints"), root)
     _assert_same_state(saved, open_checkpoint(resaved))
     assert saved.meta["layout"] != open_checkpoint(resaved).meta["layout"]

@@ -21,7 +21,7 @@ from parallel.checkpoint import gather_global
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import Layout, Topology
-from tests.distributed.spawn import run_distributed
+from tests.distributed.spawn import case_result, run_cases
 from trainer.config import TrainConfig
 from trainer.optim import build_optimizer, build_stepper, lr_at
 
@@ -98,8 +98,18 @@ def _run(rank, world, dp, tp, ep):
 LAYOUTS = [(2, 2, 1, 1), (2, 2, 1, 2), (4, 2, 2, 2)]  # (world, dp, tp, ep)
 
 
+@pytest.fixture(scope="module")
+def results():
+    """The layouts of one world size in one set of processes."""
+    out = {}
+    for world in sorted({w for w, *_ in LAYOUTS}):
+        cases = [tuple(c[1:]) for c in LAYOUTS if c[0] == world]
+        out |= run_cases(_run, world, cases, timeout_s=400)
+    return out
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("world, dp, tp, ep", LAYOUTS, ids=[f"dp{d}-tp{t}-ep{e}" for _, d, t, e in LAYOUTS])
-def test_zero_stages_equal_plain_adamw(world, dp, tp, ep):
-    norms = run_distributed(_run, world_size=world, args=(dp, tp, ep), timeout_s=300)
+def test_zero_stages_equal_plain_adamw(results, world, dp, tp, ep):
+    norms = case_result(results, (dp, tp, ep))
     assert all(n == norms[0] for n in norms)
