@@ -17,7 +17,10 @@ TORCH_PIP_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-unit test-distributed test-gpu tensorboard clean
+NODES ?= 2
+PER_NODE ?= 2
+
+.PHONY: install train simulate test test-unit test-distributed test-gpu tensorboard clean
 
 install: $(STAMP)
 
@@ -31,6 +34,10 @@ $(STAMP): pyproject.toml
 
 train: $(STAMP)
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m launcher.train --config $(CONFIG) $(ARGS)
+
+# NODES simulated nodes x PER_NODE processes on this machine: one torchrun agent per node.
+simulate: $(STAMP)
+	$(BIN)/python -m launcher.simulate --nodes $(NODES) --nproc-per-node $(PER_NODE) -- --config $(CONFIG) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra $(ARGS)

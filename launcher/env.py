@@ -240,3 +240,13 @@ def shutdown_distributed() -> None:
     """Destroy the process group if one exists (safe to call twice)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def node_of(environ: Mapping[str, str] | None = None) -> int:
+    """This process's node index: torchrun's GROUP_RANK (its --node-rank), else Slurm's
+    SLURM_NODEID, else 0."""
+    env = os.environ if environ is None else environ
+    for name in ("GROUP_RANK", "SLURM_NODEID"):
+        if env.get(name, "").strip().isdigit():
+            return int(env[name])
+    return 0

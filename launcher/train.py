@@ -10,7 +10,9 @@ group exists, so a bad input exits with its message and code 2 on every rank, ne
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from launcher.env import (
     choose_backend,
     device_for,
     init_distributed,
+    node_of,
     read_env,
     shutdown_distributed,
 )
@@ -35,6 +38,7 @@ from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import Topology
 from trainer.data import load_corpus, rank_data
 from trainer.loop import Trainer
+from trainer.signals import PREEMPTED_EXIT_CODE, Preempted
 
 USAGE = """usage: torchrun --nproc_per_node=N -m launcher.train [--config FILE] [--section.key=value ...]
 
@@ -127,6 +131,7 @@ def run(argv: list[str]) -> dict:
     init_distributed(env, backend, job.parallel.timeout_s)
     try:
         topology = Topology.create(layout)
+        report_placement(env, run_dir)
         if env.rank == 0:
             print(f"topology: {topology.describe()}")
         device = device_for(backend, env.local_rank)
@@ -151,6 +156,21 @@ def run(argv: list[str]) -> dict:
         shutdown_distributed()
 
 
+def report_placement(env: DistEnv, run_dir: Path) -> None:
+    """Where every rank runs (node, local rank, host, pid): printed by rank 0 and kept in
+    placement.json, so a launch across nodes can be checked. Collective."""
+    here = {"rank": env.rank, "node": node_of(), "local_rank": env.local_rank,
+            "host": socket.gethostname(), "pid": os.getpid()}
+    everyone: list = [None] * env.world_size
+    dist.all_gather_object(everyone, here)
+    if env.rank == 0:
+        nodes: dict[int, list[int]] = {}
+        for r in everyone:
+            nodes.setdefault(r["node"], []).append(r["rank"])
+        print("placement: " + "; ".join(f"node {n}: ranks {ranks}" for n, ranks in sorted(nodes.items())))
+        (run_dir / "placement.json").write_text(json.dumps(everyone, indent=1))
+
+
 def _first(value):
     """Rank 0's value, on every rank. Collective."""
     box = [value]
@@ -163,12 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + "\n" + describe_schema())
         return 0
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     try:
         run(argv)
     except ConfigError as exc:
-        print(f"[rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))}] "
-              f"config error: {exc}", file=sys.stderr)
+        print(f"[rank {rank}] config error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        if rank == "0":
+            print(f"preempted: {exc}; exit code {PREEMPTED_EXIT_CODE} (requeue, then "
+                  "--checkpoint.resume=auto continues)", flush=True)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

@@ -9,6 +9,7 @@ part is a Stepper (trainer/optim.py): our own at zero_stage 0, DeepSpeed's ZeRO 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,11 @@ from parallel.topology import Topology
 from trainer.data import RankData
 from trainer.metrics import MetricsWriter, Throughput, expert_load_stats, load_heatmap
 from trainer.optim import build_stepper, lr_at
+from trainer.signals import Preempted, StopSignals
+
+# Fault injection for the tests: "RANK@STEP" makes that rank exit abruptly (code 13) after
+# that step, in a job's first attempt only (torchrun's TORCHELASTIC_RESTART_COUNT 0 or unset).
+CRASH_AT_ENV = "MOE_TEST_CRASH_RANK_AT_STEP"
 
 
 @dataclass
@@ -59,6 +65,7 @@ class Trainer:
         # Data position: global samples seen at step `origin_step` (both 0 unless resumed).
         self.origin_step, self.origin_samples = 0, 0
         self.resumed_from: Path | None = None
+        self.last_saved_step: int | None = None
         self.last_heatmap = 0
         self.history: list[dict] = []  # eval losses
         self.train_history: list[dict] = []  # train loss at every log step
@@ -124,15 +131,17 @@ class Trainer:
                 "tokens_seen": self.samples_seen * self.cfg.seq_len,
                 "layout": vars(self.topology.layout), "zero_stage": self.job.parallel.zero_stage,
                 "moe_backend": self.job.moe.backend, "config": self.job.to_dict()}
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.stepper,
+        path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.stepper,
                                self.topology, meta, self.job.checkpoint.keep_last)
+        self.last_saved_step = self.step
+        return path
 
     def resume(self, ckpt: Checkpoint) -> dict:
         """Continue from `ckpt` (saved under any layout): weights, optimizer state, step, data
         position (the first unseen global sample), and this rank's RNG state when the world
         size is unchanged. Collective."""
         meta = load_checkpoint(ckpt, self.model, self.stepper, self.topology)
-        self.step = self.origin_step = meta["step"]
+        self.step = self.origin_step = self.last_saved_step = meta["step"]
         self.origin_samples = meta["samples_seen"]
         self.resumed_from = ckpt.path
         if self.is_main:
@@ -144,40 +153,61 @@ class Trainer:
                   f"RNG {rng}", flush=True)
         return meta
 
+    def _maybe_crash(self) -> None:
+        if (os.environ.get(CRASH_AT_ENV) == f"{self.topology.rank}@{self.step}"
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+            os._exit(13)
+
     def fit(self) -> dict:
+        """Train to cfg.steps. On SIGTERM/SIGUSR1 to any rank, every rank stops at the same
+        step, saves a checkpoint and raises Preempted (after writing summary.json)."""
         cfg, log_cfg, ck = self.cfg, self.job.logging, self.job.checkpoint
         bar = tqdm(total=cfg.steps, initial=self.step, dynamic_ncols=True,
                    disable=not (self.is_main and log_cfg.progress), desc="train", unit="step")
-        throughput, window = Throughput(), _Window()
-        start, eval_loss, scalars = time.perf_counter(), float("nan"), {}
-        while self.step < cfg.steps:
-            norm = self.train_step(window)
-            throughput.update(self.tokens_per_step)
-            bar.update(1)
-            last = self.step == cfg.steps
-            if self.step % log_cfg.log_interval == 0 or last:
-                scalars = self._log(window, norm, throughput.rate())
-                self.train_history.append({"step": self.step, "loss": scalars["train/loss"]})
-                window = _Window()
-                bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
-                                tok_s=f"{scalars['train/tokens_per_s']:.0f}")
-            if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last:
-                eval_loss = self.evaluate()
-                self.metrics.scalars(self.step, {"eval/loss": eval_loss})
-                self.history.append({"step": self.step, "eval_loss": eval_loss})
-                if self.is_main:
-                    bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
-            if ck.interval and self.step % ck.interval == 0 and not (last and ck.save_final):
-                self.save()
-        bar.close()
+        throughput, window, signals = Throughput(), _Window(), StopSignals(self.device)
+        start, eval_loss, scalars, stopped = time.perf_counter(), float("nan"), {}, None
+        try:
+            while self.step < cfg.steps:
+                norm = self.train_step(window)
+                throughput.update(self.tokens_per_step)
+                bar.update(1)
+                last = self.step == cfg.steps
+                if self.step % log_cfg.log_interval == 0 or last:
+                    scalars = self._log(window, norm, throughput.rate())
+                    self.train_history.append({"step": self.step, "loss": scalars["train/loss"]})
+                    window = _Window()
+                    bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
+                                    tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+                if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last:
+                    eval_loss = self.evaluate()
+                    self.metrics.scalars(self.step, {"eval/loss": eval_loss})
+                    self.history.append({"step": self.step, "eval_loss": eval_loss})
+                    if self.is_main:
+                        bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
+                if ck.interval and self.step % ck.interval == 0 and not (last and ck.save_final):
+                    self.save()
+                self._maybe_crash()
+                if not last and signals.should_stop():
+                    stopped = f"{signals.received or 'another rank'}'s stop signal at step {self.step}"
+                    break
+        finally:
+            signals.restore()
+            bar.close()
         elapsed = time.perf_counter() - start
         summary = {"steps": self.step, "final_eval_loss": eval_loss,
                    "final_train_loss": scalars.get("train/loss"), "elapsed_s": elapsed,
-                   "tokens_per_s": (self.step - self.origin_step) * self.tokens_per_step / elapsed, "evals": self.history,
-                   "train": self.train_history}
-        if ck.save_final and self.step > self.origin_step:
+                   "tokens_per_s": (self.step - self.origin_step) * self.tokens_per_step / elapsed,
+                   "evals": self.history, "train": self.train_history}
+        if (ck.save_final or stopped) and self.step > (self.last_saved_step or 0):
+            saving = time.perf_counter()
             summary["checkpoint"] = str(self.save())
+            summary["save_s"] = time.perf_counter() - saving
+        if stopped:
+            summary["stopped"] = stopped
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics.close()
+        if stopped:
+            raise Preempted(f"stopped on {stopped}; checkpoint of step {self.last_saved_step} saved "
+                            f"({summary.get('save_s', 0.0):.1f} s)")
         return summary

@@ -22,7 +22,9 @@ def _env(**extra) -> dict[str, str]:
 
 
 def torchrun(nproc: int, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--standalone", "-m", "launcher.train", *args]
+    """torchrun's own options (--max-restarts=...) may lead `args`; the rest go to the job."""
+    agent = [a for a in args if a.startswith("--max-restarts")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *agent,
+           "--standalone", "-m", "launcher.train", *[a for a in args if a not in agent]]
     return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True,
                           timeout=timeout)

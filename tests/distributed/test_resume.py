@@ -7,6 +7,8 @@ B: the same run, but rank 1 is SIGKILLed right after writing its shard of the st
 C: new processes with --checkpoint.resume=auto in B's run dir: they continue from step 4, and
    the losses of steps 5..8 and the final parameters and optimizer state are bitwise equal to
    A's (fp32, deterministic algorithms, the same layout).
+D: torchrun --max-restarts=1 with resume=auto, rank 3 crashing after step 6 of the first
+   attempt: the agent restarts the workers, they resume from step 4 and end bitwise equal to A.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from parallel.checkpoint import KILL_IN_SAVE_ENV
 from parallel.checkpoint_store import committed, open_checkpoint, resolve
 from tests.distributed.launch import SMALL, TINY, torchrun
+from trainer.loop import CRASH_AT_ENV
 
 TIMEOUT_S = 30
 ARGS = ["--config", TINY, *SMALL, "--parallel.ep=2", "--train.steps=8", "--checkpoint.interval=4",
@@ -31,9 +34,19 @@ def _losses(run_dir):
     return {h["step"]: h["loss"] for h in json.loads((run_dir / "summary.json").read_text())["train"]}
 
 
+def _assert_same_final_state(a, b):
+    want, got = open_checkpoint(a / "checkpoints" / "step_00000008"), open_checkpoint(b / "checkpoints" / "step_00000008")
+    got.verify()
+    assert set(want.tensors) == set(got.tensors)
+    assert any(n.startswith("optim/") for n in want.tensors)
+    for name in want.tensors:
+        assert torch.equal(want.full(name), got.full(name)), name
+    assert want.meta["samples_seen"] == got.meta["samples_seen"]
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_killed_save_leaves_the_previous_checkpoint_and_resume_is_exact(tmp_path):
+def test_a_killed_save_and_a_crashed_worker_both_resume_exactly(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     proc = torchrun(4, *ARGS, f"--logging.run_dir={a}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -57,10 +70,13 @@ def test_killed_save_leaves_the_previous_checkpoint_and_resume_is_exact(tmp_path
     assert sorted(resumed) == [5, 6, 7, 8]
     assert [resumed[s] for s in range(5, 9)] == [uninterrupted[s] for s in range(5, 9)]
 
-    want, got = open_checkpoint(a / "checkpoints" / "step_00000008"), open_checkpoint(root / "step_00000008")
-    got.verify()
-    assert set(want.tensors) == set(got.tensors)
-    assert any(n.startswith("optim/") for n in want.tensors)
-    for name in want.tensors:
-        assert torch.equal(want.full(name), got.full(name)), name
-    assert want.meta["samples_seen"] == got.meta["samples_seen"]
+    _assert_same_final_state(a, b)
+
+    d = tmp_path / "d"
+    proc = torchrun(4, "--max-restarts=1", *ARGS, f"--logging.run_dir={d}", "--checkpoint.resume=auto",
+                    **{CRASH_AT_ENV: "3@6"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step 4" in proc.stdout  # the restarted attempt
+    resumed = _losses(d)
+    assert [resumed[s] for s in range(5, 9)] == [uninterrupted[s] for s in range(5, 9)]
+    _assert_same_final_state(a, d)
