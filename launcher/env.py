@@ -229,11 +229,26 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float) -> None:
     if backend == "nccl":
         torch.cuda.set_device(env.local_rank)
     if env.is_distributed:
-        dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                                rank=env.rank, world_size=env.world_size, timeout=timeout)
+        dist.init_process_group(backend, store=_store(env, timeout), rank=env.rank,
+                                world_size=env.world_size, timeout=timeout)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timeout)
+
+
+def _store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, with a prefix per torchrun restart attempt.
+
+    Under torchrun the agent hosts the store and keeps it across `--max-restarts` attempts;
+    without a prefix, restarted workers read the previous attempt's gloo addresses and fail
+    to connect (seen here: "Gloo connectFullMesh failed ... Connection refused"). Launched
+    without an agent (Slurm tasks), rank 0 hosts it."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
+                          is_master=env.rank == 0 and not agent, timeout=timeout,
+                          multi_tenant=not agent)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"moe-train/attempt_{attempt}/", store)
 
 
 def shutdown_distributed() -> None:
