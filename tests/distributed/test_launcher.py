@@ -16,6 +16,9 @@ import pytest
 import torch
 
 from launcher.config import load_config
+from launcher.env import DistEnv
+from launcher.train import prepare
+from model.errors import ConfigError
 from model.transformer import TransformerLM
 from parallel.checkpoint import load_weights
 from parallel.checkpoint_store import open_checkpoint
@@ -28,7 +31,7 @@ from trainer.data import eval_batches, load_corpus
 def test_default_run_learns_and_its_checkpoint_reproduces_the_eval_loss(tmp_path):
     """4 ranks, ep=4, the built-in data: held-out loss falls well below ln(256) = 5.55."""
     run_dir = tmp_path / "run"
-    steps = 40
+    steps = 30
     proc = torchrun(4, "--config", TINY, f"--train.steps={steps}", "--train.eval_interval=20",
                     f"--logging.run_dir={run_dir}", "--logging.heatmap_interval=20")
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -102,8 +105,22 @@ def launch_ranks(world: int, *args: str, timeout: float = 120) -> list[tuple[int
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("overrides, message", BAD_INPUT, ids=[m.split(" ")[0] for _, m in BAD_INPUT])
+def test_bad_input_is_refused_by_prepare_on_every_rank(overrides, message, tmp_path):
+    """Every check runs in prepare(), which opens no process group: here as ranks 0 and 1
+    of a world of 2, in this process. (Three of them also run as real processes below.)"""
+    for rank in (0, 1):
+        env = DistEnv(rank, rank, 2, 2, "127.0.0.1", 1, "torchrun")
+        with pytest.raises(ConfigError) as err:
+            prepare(["--config", TINY, f"--logging.run_dir={tmp_path}", *overrides], env)
+        assert message in str(err.value)
+
+
+REAL_PROCESSES = [BAD_INPUT[0], BAD_INPUT[3], BAD_INPUT[-1]]  # config, WORLD_SIZE, run dir
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("overrides, message", REAL_PROCESSES, ids=[m.split(" ")[0] for _, m in REAL_PROCESSES])
 def test_bad_input_fails_on_every_rank_before_any_collective(overrides, message, tmp_path):
     # MASTER_PORT=1 cannot be joined: a rank that got as far as a collective would fail
     # differently, so exit code 2 and the message prove the check came first.
@@ -164,8 +181,8 @@ def test_dp2_tp2_ep2_tracks_dp4_ep4_on_the_same_global_batch(tmp_path):
     the load-balancing loss (each rank computes it on its own tokens) and fp32 summation order;
     measured over 20 steps: equal to 6 digits through step 10, then early training's
     sensitivity (routing flips at lr 3e-3) lets them drift apart by about 1.5% at step 20.
-    12 steps here; tolerance 3%."""
-    common = ["--config", TINY, "--train.steps=12", "--train.eval_interval=12",
+    8 steps here; tolerance 3%."""
+    common = ["--config", TINY, "--train.steps=8", "--train.eval_interval=8",
               "--logging.log_interval=4", "--logging.tensorboard=false"]
     runs = {}
     for name, layout in (("dp4", ["--parallel.dp=4", "--parallel.ep=4", "--train.micro_batch_size=8"]),

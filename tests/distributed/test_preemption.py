@@ -4,7 +4,7 @@ one step with a committed checkpoint and exit code 75; `resume=auto` continues f
 1. SIGUSR1 to one worker (as `scancel --signal=USR1` or Slurm's `--signal` would deliver it).
 2. After resuming, SIGTERM to the torchrun agent, which forwards it to its workers and kills
    them 30 s later: the checkpoint must be committed before that.
-3. Resume again and finish.
+(2 ranks, dp 2 x ep 2.)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from parallel.checkpoint_store import committed
 from tests.distributed.launch import ROOT, SMALL, TINY, _env
 from trainer.signals import PREEMPTED_EXIT_CODE
 
-ARGS = ["--config", TINY, *SMALL, "--parallel.ep=2", "--train.eval_interval=2",
+ARGS = ["--config", TINY, *SMALL, "--parallel.dp=2", "--parallel.ep=2", "--train.eval_interval=2",
         "--logging.progress=false", "--logging.tensorboard=false", "--parallel.timeout_s=60"]
 
 
@@ -31,7 +31,7 @@ class Job:
     """torchrun in the background; its output collected by a thread so it never blocks."""
 
     def __init__(self, run_dir, *args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                "-m", "launcher.train", *ARGS, f"--logging.run_dir={run_dir}", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
@@ -65,7 +65,7 @@ def _summary(run_dir):
 def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
     job = Job(tmp_path, "--train.steps=100000")
     job.wait_for("eval loss")
-    os.kill(job.workers()[2], signal.SIGUSR1)
+    os.kill(job.workers()[1], signal.SIGUSR1)
     sent = time.monotonic()
     code = job.finish()
     print(f"SIGUSR1 to one worker -> all exited in {time.monotonic() - sent:.1f} s")
@@ -91,8 +91,3 @@ def test_a_signal_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path):
     assert "SIGTERM" in second["stopped"] and second["steps"] > step
     assert committed(tmp_path / "checkpoints")[0].name == f"step_{second['steps']:08d}"
     assert elapsed < 30, "the agent SIGKILLs its workers 30 s after forwarding the signal"
-
-    final = second["steps"] + 2
-    job = Job(tmp_path, f"--train.steps={final}", "--checkpoint.resume=auto")
-    assert job.finish() == 0, "".join(job.lines[-40:])
-    assert _summary(tmp_path)["steps"] == final and "stopped" not in _summary(tmp_path)

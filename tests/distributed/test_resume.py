@@ -1,4 +1,4 @@
-"""Exact resume and a rank killed mid-save, through torchrun as users run it.
+"""Exact resume and a rank killed mid-save, through torchrun as users run it (2 ranks, dp 2 x ep 2).
 
 A: 8 steps uninterrupted, checkpoints at steps 4 and 8.
 B: the same run, but rank 1 is SIGKILLed right after writing its shard of the step-8
@@ -7,7 +7,7 @@ B: the same run, but rank 1 is SIGKILLed right after writing its shard of the st
 C: new processes with --checkpoint.resume=auto in B's run dir: they continue from step 4, and
    the losses of steps 5..8 and the final parameters and optimizer state are bitwise equal to
    A's (fp32, deterministic algorithms, the same layout).
-D: torchrun --max-restarts=1 with resume=auto, rank 3 crashing after step 6 of the first
+D: torchrun --max-restarts=1 with resume=auto, rank 1 crashing after step 6 of the first
    attempt: the agent restarts the workers, they resume from step 4 and end bitwise equal to A.
 """
 
@@ -25,7 +25,7 @@ from tests.distributed.launch import SMALL, TINY, torchrun
 from trainer.loop import CRASH_AT_ENV
 
 TIMEOUT_S = 30
-ARGS = ["--config", TINY, *SMALL, "--parallel.ep=2", "--train.steps=8", "--checkpoint.interval=4",
+ARGS = ["--config", TINY, *SMALL, "--parallel.dp=2", "--parallel.ep=2", "--train.steps=8", "--checkpoint.interval=4",
         "--logging.log_interval=1", "--train.eval_interval=0", "--train.deterministic=true",
         "--logging.progress=false", "--logging.tensorboard=false", f"--parallel.timeout_s={TIMEOUT_S}"]
 
@@ -48,11 +48,11 @@ def _assert_same_final_state(a, b):
 @pytest.mark.slow
 def test_a_killed_save_and_a_crashed_worker_both_resume_exactly(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    proc = torchrun(4, *ARGS, f"--logging.run_dir={a}")
+    proc = torchrun(2, *ARGS, f"--logging.run_dir={a}")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     start = time.monotonic()
-    proc = torchrun(4, *ARGS, f"--logging.run_dir={b}", **{KILL_IN_SAVE_ENV: "1@8"})
+    proc = torchrun(2, *ARGS, f"--logging.run_dir={b}", **{KILL_IN_SAVE_ENV: "1@8"})
     elapsed = time.monotonic() - start
     assert proc.returncode != 0, "the job must fail when a rank dies during a save"
     assert elapsed < 3 * TIMEOUT_S + 60, f"took {elapsed:.0f}s to fail"
@@ -63,7 +63,7 @@ def test_a_killed_save_and_a_crashed_worker_both_resume_exactly(tmp_path):
     ckpt, skipped = resolve("auto", root)
     assert ckpt.step == 4 and not skipped
 
-    proc = torchrun(4, *ARGS, f"--logging.run_dir={b}", "--checkpoint.resume=auto")
+    proc = torchrun(2, *ARGS, f"--logging.run_dir={b}", "--checkpoint.resume=auto")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "step 4" in proc.stdout
     uninterrupted, resumed = _losses(a), _losses(b)
@@ -73,8 +73,8 @@ def test_a_killed_save_and_a_crashed_worker_both_resume_exactly(tmp_path):
     _assert_same_final_state(a, b)
 
     d = tmp_path / "d"
-    proc = torchrun(4, "--max-restarts=1", *ARGS, f"--logging.run_dir={d}", "--checkpoint.resume=auto",
-                    **{CRASH_AT_ENV: "3@6"})
+    proc = torchrun(2, "--max-restarts=1", *ARGS, f"--logging.run_dir={d}", "--checkpoint.resume=auto",
+                    **{CRASH_AT_ENV: "1@6"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "step 4" in proc.stdout  # the restarted attempt
     resumed = _losses(d)
