@@ -1,0 +1,122 @@
+"""The project's own sbatch template under a real (one-machine) Slurm.
+
+1. `sbatch slurm/train.sbatch` of the CPU config (4 tasks): the job completes and leaves
+   a committed checkpoint; it is the uninterrupted reference. `slurm/train_torchrun.sbatch`
+   (one torchrun agent per node, here one node of 4 workers) does the same.
+2. The same job, sent `scancel --signal=USR1` after its first evaluation: the tasks agree on a
+   step, checkpoint, exit 75; the script requeues the job; the second run resumes with
+   resume=auto and ends at the same final losses as the uninterrupted job (bitwise: the resume
+   is exact, tests/distributed/test_resume.py).
+
+Skipped, with the reason, where Slurm is not installed or cannot start (`.ci/run` installs
+Debian's slurmctld, slurmd, slurm-client and munge).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from parallel.checkpoint_store import committed
+from tests.distributed.launch import ROOT, SMALL, TINY
+from tests.slurm.cluster import Cluster, missing
+
+pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
+JOB = ["--config", TINY, *SMALL, "--parallel.ep=2", "--train.steps=20", "--train.eval_interval=5",
+       "--logging.progress=false", "--logging.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    why = missing()
+    if why:
+        pytest.skip(f"no Slurm here: {why}")
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        c.start()
+    except Exception as exc:  # noqa: BLE001 - the reason is the skip message
+        c.stop()
+        pytest.skip(f"Slurm did not start: {exc}")
+    yield c
+    c.stop()
+
+
+def _submit(cluster, run_dir, log, template="train.sbatch", job=JOB):
+    cmd = ["sbatch", "--parsable", f"--chdir={ROOT}", f"--output={log}",
+           f"--export=ALL,RUN_DIR={run_dir},PY={ROOT / '.venv' / 'bin' / 'python'},PROCS_PER_NODE=4",
+           str(ROOT / "slurm" / template), *job]
+    return cluster.run(*cmd)
+
+
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def _run_job(cluster, run_dir, log, **kwargs):
+    """Submit and wait for the end (polling: sbatch --wait sleeps up to seconds between
+    checks); returns the job's final state and the log."""
+    proc = _submit(cluster, run_dir, log, **kwargs)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    _wait(cluster, job, lambda: cluster.job_state(job).get("JobState") in ENDED, 300, "the end")
+    return cluster.job_state(job), log.read_text() if log.exists() else ""
+
+
+def _wait(cluster, job, predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"job {job}: {what} not seen in {timeout}s; {cluster.job_state(job)}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    run_dir, log = root / "run", root / "job.out"
+    state, output = _run_job(cluster, run_dir, log)
+    return state, run_dir, output
+
+
+def test_sbatch_template_runs_and_checkpoints(uninterrupted):
+    state, run_dir, output = uninterrupted
+    assert state["JobState"] == "COMPLETED", output[-3000:]
+    assert "launch: slurm" in output
+    assert committed(run_dir / "checkpoints")[0].name == "step_00000020"
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(cluster, uninterrupted, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    proc = _submit(cluster, run_dir, log)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    _wait(cluster, job, lambda: log.exists() and "eval loss" in log.read_text(), 180, "training")
+    assert cluster.run("scancel", "--signal=USR1", job).returncode == 0
+    # Slurm makes a requeued job wait 2 minutes (its begin time); start it now instead.
+    requeued = lambda: int(cluster.job_state(job).get("Restarts", 0)) >= 1  # noqa: E731
+    _wait(cluster, job, requeued, 120, "the requeue")
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+    done = lambda: cluster.job_state(job).get("JobState") in ENDED  # noqa: E731
+    _wait(cluster, job, done, 300, "the end")
+    output = log.read_text()
+    state = cluster.job_state(job)
+    assert state["JobState"] == "COMPLETED", output[-3000:]
+    assert int(state.get("Restarts", 0)) >= 1
+    assert "preempted: stopped on SIGUSR1" in output and "resumed from" in output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    reference = json.loads((uninterrupted[1] / "summary.json").read_text())
+    assert summary["steps"] == 20
+    assert summary["final_eval_loss"] == reference["final_eval_loss"]
+    assert summary["train"][-1] == reference["train"][-1]
+
+
+def test_torchrun_template_runs_and_checkpoints(cluster, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    job = [*JOB, "--train.steps=6"]
+    state, output = _run_job(cluster, run_dir, log, template="train_torchrun.sbatch", job=job)
+    assert state["JobState"] == "COMPLETED", output[-3000:]
+    assert "launch: torchrun" in output and "placement: node 0: ranks [0, 1, 2, 3]" in output
+    assert committed(run_dir / "checkpoints")[0].name == "step_00000006"
+
