@@ -239,7 +239,7 @@ def load_checkpoint(ckpt: Checkpoint, model: nn.Module, stepper, topology: Topol
         rng = ckpt.manifest["rng"].get(str(topology.rank))
         meta["rng_restored"] = rng is not None and meta["layout"]["world_size"] == topology.layout.world_size
         if meta["rng_restored"]:
-            states = {k.rsplit("/", 1)[1]: ckpt._load_file(rng["file"])[k].clone() for k in rng["keys"]}
+            states = {k.rsplit("/", 1)[1]: ckpt.load_file(rng["file"])[k].clone() for k in rng["keys"]}
             apply.append(lambda: _set_rng(states))
     except CheckpointError as exc:
         error = str(exc)

@@ -152,7 +152,8 @@ class Checkpoint:
     def tensors(self) -> dict[str, dict]:
         return self.manifest["tensors"]
 
-    def _load_file(self, name: str) -> dict:
+    def load_file(self, name: str) -> dict:
+        """One shard file's tensors (memory-mapped), its checksum checked on first use."""
         if name not in self._files:
             path, rec = self.path / name, self.manifest["files"][name]
             if sha256_file(path) != rec["sha256"]:
@@ -167,7 +168,7 @@ class Checkpoint:
     def verify(self) -> None:
         """Read every file and check its checksum."""
         for name in self.manifest["files"]:
-            self._load_file(name)
+            self.load_file(name)
 
     def fetch(self, name: str, target: Box, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """The block `target` of global tensor `name` (None if the checkpoint lacks it)."""
@@ -183,7 +184,7 @@ class Checkpoint:
         pieces = []
         for box, frags in by_box.items():  # fragments of one box: concatenate in flat order
             frags.sort(key=lambda f: f["flat"][0])
-            flat = torch.cat([self._load_file(f["file"])[f["key"]].reshape(-1) for f in frags])
+            flat = torch.cat([self.load_file(f["file"])[f["key"]].reshape(-1) for f in frags])
             pieces.append((box, flat.view(box.sizes)))
         out = fill_box(target, pieces, dtype)
         if out is None:
