@@ -43,6 +43,7 @@ from parallel.checkpoint_store import (
     step_dir_name,
     write_shard,
 )
+from parallel.expert_parallel import expert_parameter_ids
 from parallel.shards import Box, Shard, shards
 from parallel.topology import Topology
 
@@ -76,7 +77,7 @@ def gather_global(model: nn.Module, topology: Topology, local: dict[str, torch.T
     """Bring per-parameter tensors (weights, gradients) named like the model's parameters to
     their global shape on every rank (a test helper: checkpoints never gather). Collective:
     every rank must pass the same names in the same order."""
-    experts = {id(p) for layer in model.moe_layers() for p in layer.experts.parameters()}
+    experts = expert_parameter_ids(model)
     params = dict(model.named_parameters())
     out = {}
     for name, tensor in local.items():

@@ -23,9 +23,14 @@ def apply_expert_parallel(model: nn.Module, topology: Topology) -> None:
         layer.set_expert_parallel(comm)
 
 
+def expert_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters that live on the expert axis (sharded over ep)."""
+    return {id(p) for layer in model.moe_layers() for p in layer.experts.parameters()}
+
+
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(dense, expert) parameters: they reduce over different groups."""
-    expert_ids = {id(p) for layer in model.moe_layers() for p in layer.experts.parameters()}
+    expert_ids = expert_parameter_ids(model)
     dense = [p for p in model.parameters() if id(p) not in expert_ids]
     expert = [p for p in model.parameters() if id(p) in expert_ids]
     return dense, expert

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from parallel.expert_parallel import expert_parameter_ids
 from parallel.topology import Topology
 
 
@@ -89,7 +90,7 @@ class Shard:
 
 def shards(model: nn.Module, topology: Topology) -> list[Shard]:
     """Every parameter of the (already tp/ep-transformed) model, in named_parameters order."""
-    expert_ids = {id(p) for layer in model.moe_layers() for p in layer.experts.parameters()}
+    expert_ids = expert_parameter_ids(model)
     ep, tp = topology.size("ep"), topology.size("tp")
     out = []
     for name, p in model.named_parameters():
