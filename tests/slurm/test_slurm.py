@@ -98,7 +98,9 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(cluster, uninter
     requeued = lambda: int(cluster.job_state(job).get("Restarts", 0)) >= 1  # noqa: E731
     _wait(cluster, job, requeued, 120, "the requeue")
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-    done = lambda: cluster.job_state(job).get("JobState") in ENDED  # noqa: E731
+    # Right after the requeue the job can still show the first attempt's end (exit 75 reads
+    # FAILED) before it turns PENDING: wait for the second attempt to complete.
+    done = lambda: cluster.job_state(job).get("JobState") == "COMPLETED"  # noqa: E731
     _wait(cluster, job, done, 300, "the end")
     output = log.read_text()
     state = cluster.job_state(job)
