@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from launcher.config import JobConfig, describe_schema, load_config
 from launcher.env import (
@@ -33,12 +32,21 @@ from model.errors import ConfigError
 from model.transformer import TransformerLM
 from parallel.checkpoint import agree, load_weights
 from parallel.checkpoint_store import Checkpoint, CheckpointError, resolve
+from parallel.collectives import (
+    CollectiveError,
+    all_gather_object,
+    barrier,
+    broadcast_object,
+)
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import Topology
 from trainer.data import load_corpus, rank_data
 from trainer.loop import Trainer
 from trainer.signals import PREEMPTED_EXIT_CODE, Preempted
+
+# A collective could not complete (a peer died or stalled past parallel.timeout_s).
+COLLECTIVE_FAILED_EXIT_CODE = 3
 
 USAGE = """usage: torchrun --nproc_per_node=N -m launcher.train [--config FILE] [--section.key=value ...]
 
@@ -130,7 +138,7 @@ def run(argv: list[str]) -> dict:
         print(f"launch: {env.launcher}, backend {backend}, {corpus.description}")
     init_distributed(env, backend, job.parallel.timeout_s)
     try:
-        topology = Topology.create(layout)
+        topology = Topology.create(layout, job.parallel.timeout_s)
         report_placement(env, run_dir)
         if env.rank == 0:
             print(f"topology: {topology.describe()}")
@@ -150,7 +158,7 @@ def run(argv: list[str]) -> dict:
             print(f"done: {summary['steps']} steps in {summary['elapsed_s']:.1f}s, "
                   f"final eval loss {summary['final_eval_loss']:.4f}, "
                   f"{summary['tokens_per_s']:.0f} tokens/s; run dir {run_dir}")
-        dist.barrier()  # nobody tears the group down while a peer is still in a collective
+        barrier()  # nobody tears the group down while a peer is still in a collective
         return summary
     finally:
         shutdown_distributed()
@@ -161,8 +169,7 @@ def report_placement(env: DistEnv, run_dir: Path) -> None:
     placement.json, so a launch across nodes can be checked. Collective."""
     here = {"rank": env.rank, "node": node_of(), "local_rank": env.local_rank,
             "host": socket.gethostname(), "pid": os.getpid()}
-    everyone: list = [None] * env.world_size
-    dist.all_gather_object(everyone, here)
+    everyone = all_gather_object(here)
     if env.rank == 0:
         nodes: dict[int, list[int]] = {}
         for r in everyone:
@@ -173,9 +180,7 @@ def report_placement(env: DistEnv, run_dir: Path) -> None:
 
 def _first(value):
     """Rank 0's value, on every rank. Collective."""
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_object(value, src=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"[rank {rank}] config error: {exc}", file=sys.stderr)
         return 2
+    except CollectiveError as exc:
+        print(f"[rank {rank}] {exc}", file=sys.stderr, flush=True)
+        return COLLECTIVE_FAILED_EXIT_CODE
     except Preempted as exc:
         if rank == "0":
             print(f"preempted: {exc}; exit code {PREEMPTED_EXIT_CODE} (requeue, then "

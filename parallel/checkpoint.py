@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from parallel.checkpoint_store import (
@@ -43,6 +42,7 @@ from parallel.checkpoint_store import (
     step_dir_name,
     write_shard,
 )
+from parallel.collectives import all_gather_cat, all_gather_object
 from parallel.expert_parallel import expert_parameter_ids
 from parallel.shards import Box, Shard, shards
 from parallel.topology import Topology
@@ -67,12 +67,6 @@ class Piece(NamedTuple):
 KILL_IN_SAVE_ENV = "MOE_TEST_KILL_RANK_IN_SAVE"
 
 
-def _gather(tensor: torch.Tensor, group, size: int, dim: int) -> torch.Tensor:
-    parts = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
 def gather_global(model: nn.Module, topology: Topology, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Bring per-parameter tensors (weights, gradients) named like the model's parameters to
     their global shape on every rank (a test helper: checkpoints never gather). Collective:
@@ -83,9 +77,9 @@ def gather_global(model: nn.Module, topology: Topology, local: dict[str, torch.T
     for name, tensor in local.items():
         param = params.get(name)
         if param is not None and id(param) in experts and topology.size("ep") > 1:
-            tensor = _gather(tensor, topology.groups["ep"], topology.size("ep"), 0)
+            tensor = all_gather_cat(tensor, topology.groups["ep"], topology.size("ep"), 0)
         elif param is not None and hasattr(param, "tp_partition_dim"):
-            tensor = _gather(tensor, topology.groups["tp"], topology.size("tp"), param.tp_partition_dim)
+            tensor = all_gather_cat(tensor, topology.groups["tp"], topology.size("tp"), param.tp_partition_dim)
         out[name] = tensor.detach().cpu().clone()
     return out
 
@@ -96,9 +90,7 @@ def model_pieces(params: list[Shard], topology: Topology) -> list[Piece]:
 
 
 def _exchange(obj) -> list:
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    return all_gather_object(obj)
 
 
 def _raise_failed(errors: list[str | None], what: str) -> None:

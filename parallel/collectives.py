@@ -1,14 +1,110 @@
-"""Collectives for MoE: a differentiable all-to-all on all_to_all_single, and the
-expert-parallel communicator the MoE layer is injected with.
+"""The project's collectives: every one of them goes through this module, so a collective
+that cannot complete fails with an error that names its process group.
 
-Only `all_to_all_single` is used: it supports uneven splits on gloo and NCCL, while the list
-form `all_to_all` does not exist on gloo.
+- Named collectives: `all_reduce`, `all_gather_cat`, `all_to_all_single`, `all_gather_object`,
+  `broadcast_object`, `barrier`. A failure inside them (a peer that died closes the
+  connection; a peer that stalls makes the op time out after parallel.timeout_s, which every
+  group gets, see parallel.topology) is re-raised as CollectiveError naming the op, the group
+  (its name and global ranks), this rank and the seconds waited. DeepSpeed's ZeRO collectives
+  run on our groups; `named_region` labels them the same way.
+- MoE: a differentiable all-to-all on all_to_all_single, and the expert-parallel communicator
+  the MoE layer is injected with. Only `all_to_all_single` is used: it supports uneven splits
+  on gloo and NCCL, while the list form `all_to_all` does not exist on gloo.
 """
 
 from __future__ import annotations
 
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 import torch.distributed as dist
+
+
+class CollectiveError(RuntimeError):
+    """A collective that could not complete on this rank: a peer died or stalled."""
+
+
+# What a failed collective looks like when the error surfaces in a larger region of code
+# (gloo's transport errors; NCCL's come as DistBackendError).
+_COMM_FAILURE = re.compile(
+    r"Timed out waiting|Connection closed by peer|Connection reset by peer|pair closure|"
+    r"Broken pipe|NCCL|timed out|Socket Timeout", re.IGNORECASE)
+
+
+def group_label(group: dist.ProcessGroup | None) -> str:
+    """'ep (global ranks [0, 2])': the name Topology gave the group and its members."""
+    if group is None or group is dist.group.WORLD:
+        return f"world (global ranks 0..{dist.get_world_size() - 1})"
+    name = getattr(group, "group_desc", "") or f"group {group.group_name}"
+    return f"{name} (global ranks {dist.get_process_group_ranks(group)})"
+
+
+@contextmanager
+def named_region(what: str, group: dist.ProcessGroup | None, only_comm_errors: bool = False) -> Iterator[None]:
+    """Re-raise a failure of the collectives inside as CollectiveError naming `group`.
+
+    `only_comm_errors` is for regions that also compute (DeepSpeed's step): there only errors
+    that look like a communication failure are renamed, so an out-of-memory stays itself."""
+    start = time.monotonic()
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as exc:
+        is_comm = isinstance(exc, dist.DistError) or bool(_COMM_FAILURE.search(str(exc)))
+        if only_comm_errors and not is_comm:
+            raise
+        raise CollectiveError(
+            f"{what} on process group {group_label(group)} failed on global rank "
+            f"{dist.get_rank()} after {time.monotonic() - start:.1f} s: {exc}. A peer of this "
+            "group died or stopped answering (a stalled peer fails the op after "
+            "parallel.timeout_s); its own log says why") from exc
+
+
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None = None,
+               op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
+    """In-place all-reduce of `x` over `group` (the world when None)."""
+    with named_region("all_reduce", group):
+        dist.all_reduce(x, op=op, group=group)
+
+
+def all_gather_cat(x: torch.Tensor, group: dist.ProcessGroup, size: int, dim: int = 0) -> torch.Tensor:
+    """Every rank's `x`, concatenated along `dim` in group-rank order."""
+    parts = [torch.empty_like(x) for _ in range(size)]
+    with named_region("all_gather", group):
+        dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def all_to_all_single(out: torch.Tensor, x: torch.Tensor, output_splits: list[int] | None,
+                      input_splits: list[int] | None, group: dist.ProcessGroup) -> None:
+    with named_region("all_to_all", group):
+        dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
+
+
+def all_gather_object(obj: Any, group: dist.ProcessGroup | None = None) -> list:
+    """Every rank's picklable `obj`, in rank order."""
+    out: list = [None] * dist.get_world_size(group)
+    with named_region("all_gather_object", group):
+        dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s picklable `obj`, on every rank of the world."""
+    box = [obj]
+    with named_region("broadcast_object_list", None):
+        dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(group: dist.ProcessGroup | None = None) -> None:
+    with named_region("barrier", group):
+        dist.barrier(group=group)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -31,7 +127,7 @@ class _AllToAll(torch.autograd.Function):
 
 def _exchange(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
     out = x.new_empty((sum(output_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+    all_to_all_single(out, x.contiguous(), output_splits, input_splits, group)
     return out
 
 
@@ -52,7 +148,7 @@ class ProcessGroupExpertComm:
 
     def exchange_counts(self, send_counts_RE: torch.Tensor) -> torch.Tensor:
         recv = torch.empty_like(send_counts_RE)
-        dist.all_to_all_single(recv, send_counts_RE.contiguous(), group=self.group)
+        all_to_all_single(recv, send_counts_RE.contiguous(), None, None, self.group)
         return recv
 
     def all_to_all(self, x, output_splits, input_splits):

@@ -16,18 +16,18 @@ over edp still counts every token of every dp rank exactly once.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from parallel.collectives import all_reduce
 from parallel.topology import Topology
 
 
-def _all_reduce_sum_(tensors: list[torch.Tensor], group: dist.ProcessGroup, scale: float) -> None:
+def _all_reduce_sum_(tensors: list[torch.Tensor], group, scale: float) -> None:
     """Sum over the group, then multiply by scale; one flat buffer so gloo sends one message."""
     if not tensors:
         return
     flat = _flatten_dense_tensors(tensors)
-    dist.all_reduce(flat, group=group)
+    all_reduce(flat, group)
     flat.mul_(scale)
     for t, reduced in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
         t.copy_(reduced)
@@ -75,9 +75,9 @@ def global_grad_norm(
 
     sharded_sq, expert_sq = sq(sharded), sq(expert)
     if topology.size("tp") > 1:
-        dist.all_reduce(sharded_sq, group=topology.groups["tp"])
+        all_reduce(sharded_sq, topology.groups["tp"])
     if topology.size("ep") > 1:
-        dist.all_reduce(expert_sq, group=topology.groups["ep"])
+        all_reduce(expert_sq, topology.groups["ep"])
     return (sq(replicated) + sharded_sq + expert_sq).sqrt()
 
 

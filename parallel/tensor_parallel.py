@@ -21,19 +21,14 @@ from torch import nn
 
 from model.errors import ConfigError
 from model.moe import MoELayer
+from parallel.collectives import all_gather_cat, all_reduce
 from parallel.topology import Topology
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     x = x.contiguous().clone()
-    dist.all_reduce(x, group=group)
+    all_reduce(x, group)
     return x
-
-
-def _all_gather_dim0(x: torch.Tensor, group, size: int) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts)
 
 
 def _my_slice(x: torch.Tensor, rank: int, size: int) -> torch.Tensor:
@@ -70,14 +65,14 @@ class _Split(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather_dim0(grad, ctx.comm.group, ctx.comm.size), None
+        return all_gather_cat(grad, ctx.comm.group, ctx.comm.size), None
 
 
 class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, comm):
         ctx.comm = comm
-        return _all_gather_dim0(x, comm.group, comm.size)
+        return all_gather_cat(x, comm.group, comm.size)
 
     @staticmethod
     def backward(ctx, grad):

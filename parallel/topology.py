@@ -26,6 +26,7 @@ dp groups [0,2,4,6] [1,3,5,7]; ep groups [0,2] [4,6] [1,3] [5,7]; edp groups [0,
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 
 import torch.distributed as dist
@@ -86,18 +87,24 @@ class Topology:
     groups: dict[str, dist.ProcessGroup] = field(repr=False)
 
     @classmethod
-    def create(cls, layout: Layout) -> "Topology":
-        """Collective: every rank must call it (torch.distributed.new_group is collective)."""
+    def create(cls, layout: Layout, timeout_s: float | None = None) -> Topology:
+        """Collective: every rank must call it (torch.distributed.new_group is collective).
+
+        Each group carries its name (errors from parallel.collectives show it) and `timeout_s`
+        (parallel.timeout_s): a subgroup does not inherit the world group's timeout, so without
+        it a stalled peer would hang its group for torch's default of 30 minutes."""
         rank = dist.get_rank()
         if dist.get_world_size() != layout.world_size:
             raise ConfigError(
                 f"process group world size ({dist.get_world_size()}) != layout world size "
                 f"({layout.world_size})"
             )
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         groups: dict[str, dist.ProcessGroup] = {}
         for name in ("dp", "tp", "ep", "edp"):
             for ranks in layout.group_ranks(name):
-                group = dist.new_group(ranks)  # every rank creates every group, same order
+                # every rank creates every group, in the same order
+                group = dist.new_group(ranks, timeout=timeout, group_desc=name)
                 if rank in ranks:
                     groups[name] = group
         return cls(layout, rank, groups)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from model.moe.deepspeed_backend import import_deepspeed
+from parallel.collectives import named_region
 from parallel.topology import Topology
 
 
@@ -123,6 +124,9 @@ class ZeroStepper:
             split_params_into_different_moe_groups_for_optimizer,
         )
 
+        self.topology = topology
+        self.what = (f"DeepSpeed ZeRO-{stage} backward and step (gradients reduced over dp, "
+                     "experts' over edp)")
         group_name = register_groups(model, topology)
         optimizer = make_optimizer(split_params_into_different_moe_groups_for_optimizer(groups))
         config = {
@@ -148,8 +152,10 @@ class ZeroStepper:
         return self.engine(x, y)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)  # divides by gradient_accumulation_steps
-        self.engine.step()  # updates only at the accumulation boundary
+        # DeepSpeed's own collectives run here, on our groups: name them if they fail.
+        with named_region(self.what, self.topology.groups["dp"], only_comm_errors=True):
+            self.engine.backward(loss)  # divides by gradient_accumulation_steps
+            self.engine.step()  # updates only at the accumulation boundary
 
     def finish(self) -> torch.Tensor:
         norm = self.engine.get_global_grad_norm()

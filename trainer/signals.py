@@ -19,6 +19,8 @@ import threading
 import torch
 import torch.distributed as dist
 
+from parallel.collectives import all_reduce
+
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; slurm.conf RequeueExit=75 requeues on it
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -42,7 +44,7 @@ class StopSignals:
     def should_stop(self) -> bool:
         """True on every rank iff any rank has received a stop signal. Collective."""
         flag = torch.tensor([1 if self.received else 0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        all_reduce(flag, None, dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def restore(self) -> None:
