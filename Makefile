@@ -20,7 +20,7 @@ STAMP := $(VENV)/.installed
 NODES ?= 2
 PER_NODE ?= 2
 
-.PHONY: install train simulate test test-unit test-distributed test-gpu tensorboard clean
+.PHONY: install train simulate sweep test test-unit test-distributed test-gpu tensorboard clean
 
 install: $(STAMP)
 
@@ -38,6 +38,15 @@ train: $(STAMP)
 # NODES simulated nodes x PER_NODE processes on this machine: one torchrun agent per node.
 simulate: $(STAMP)
 	$(BIN)/python -m launcher.simulate --nodes $(NODES) --nproc-per-node $(PER_NODE) -- --config $(CONFIG) $(ARGS)
+
+# Strong and weak scaling over SWEEP_NODES simulated nodes x SWEEP_PER_NODE processes:
+# runs/sweep/scaling.csv and scaling_{strong,weak}.png. LAUNCHER=slurm submits to Slurm instead.
+SWEEP_NODES ?= 1 2
+SWEEP_PER_NODE ?= 2
+LAUNCHER ?= local
+SWEEP_ARGS ?= --train.steps=40 --train.eval_interval=0
+sweep: $(STAMP)
+	$(BIN)/python -m launcher.sweep --nodes $(SWEEP_NODES) --per-node $(SWEEP_PER_NODE) --launcher $(LAUNCHER) -- --config $(CONFIG) $(SWEEP_ARGS) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra $(ARGS)

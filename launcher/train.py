@@ -155,9 +155,13 @@ def run(argv: list[str]) -> dict:
             trainer.resume(resume)
         summary = trainer.fit()
         if env.rank == 0:
+            mfu = f", MFU {summary['mfu']:.3f}" if summary["mfu"] is not None else ""
             print(f"done: {summary['steps']} steps in {summary['elapsed_s']:.1f}s, "
                   f"final eval loss {summary['final_eval_loss']:.4f}, "
-                  f"{summary['tokens_per_s']:.0f} tokens/s; run dir {run_dir}")
+                  f"{summary['tokens_per_s']:.0f} tokens/s overall, "
+                  f"{summary['train_tokens_per_s'] or 0:.0f} in steady training steps{mfu}, "
+                  f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB "
+                  f"({summary['peak_memory_kind']}, busiest rank); run dir {run_dir}")
         barrier()  # nobody tears the group down while a peer is still in a collective
         return summary
     finally:

@@ -143,9 +143,14 @@ class LoggingConfig:
     """Write TensorBoard event files (rank 0)."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device, the denominator of MFU (train/mfu, summary.json); 0 = the
+    dense bf16 figure of a known GPU (H100, H200: 989; A100: 312), and no MFU on other devices."""
 
     def validate(self) -> None:
         check_positive("logging.log_interval", self.log_interval)
+        if self.peak_tflops < 0:
+            raise ConfigError(f"logging.peak_tflops ({self.peak_tflops}) must be >= 0 (0 = auto)")
         if self.heatmap_interval < 0:
             raise ConfigError(
                 f"logging.heatmap_interval ({self.heatmap_interval}) must be >= 0"

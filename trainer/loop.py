@@ -18,11 +18,21 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from model.flops import model_cost
 from parallel.checkpoint import load_checkpoint, save_checkpoint
 from parallel.checkpoint_store import Checkpoint
+from parallel.collectives import all_reduce
 from parallel.topology import Topology
 from trainer.data import RankData
-from trainer.metrics import MetricsWriter, Throughput, expert_load_stats, load_heatmap
+from trainer.metrics import (
+    MetricsWriter,
+    StepTimer,
+    Throughput,
+    expert_load_stats,
+    load_heatmap,
+    peak_flops,
+    peak_memory,
+)
 from trainer.optim import build_stepper, lr_at
 from trainer.signals import Preempted, StopSignals
 
@@ -62,6 +72,8 @@ class Trainer:
                                 * self.cfg.grad_accum * self.cfg.seq_len)
         self.step = 0
         self.samples_per_micro = topology.size("dp") * self.cfg.micro_batch_size
+        self.cost = model_cost(job.model, job.moe, self.cfg.seq_len)
+        self.peak_flops = peak_flops(device, job.logging.peak_tflops)
         # Data position: global samples seen at step `origin_step` (both 0 unless resumed).
         self.origin_step, self.origin_samples = 0, 0
         self.resumed_from: Path | None = None
@@ -92,24 +104,26 @@ class Trainer:
         for x, y in self.val:
             total += self.model(x.to(self.device), y.to(self.device)).lm_loss
         total /= len(self.val)
-        dist.all_reduce(total, group=self.topology.groups["dp"])
+        all_reduce(total, self.topology.groups["dp"])
         return total.item() / self.topology.size("dp")
 
     def _log(self, window: _Window, norm: torch.Tensor, rate: float) -> dict:
         """Reduce the window over dp and write scalars; returns them. Collective."""
         dp_group, dp = self.topology.groups["dp"], self.topology.size("dp")
         losses = (window.losses / window.steps).to(self.device)
-        dist.all_reduce(losses, group=dp_group)
+        all_reduce(losses, dp_group)
         lm, aux, z = (losses / dp).tolist()
         scalars = {"train/loss": lm, "train/aux_loss": aux, "train/z_loss": z,
                    "train/lr": self.stepper.optimizer.param_groups[0]["lr"], "train/grad_norm": float(norm),
                    "train/tokens_per_s": rate}
+        if self.peak_flops:
+            scalars["train/mfu"] = self.mfu(rate)
         if isinstance(window.counts_LE, torch.Tensor) and window.counts_LE.numel():
             # counts and drops summed over dp: the global load; entropy averaged.
             counts = torch.cat([window.counts_LE, window.dropped_L[:, None]], 1).to(self.device)
             entropy = (window.entropy_L / window.steps).to(self.device)
-            dist.all_reduce(counts, group=dp_group)
-            dist.all_reduce(entropy, group=dp_group)
+            all_reduce(counts, dp_group)
+            all_reduce(entropy, dp_group)
             counts, dropped = counts[:, :-1].cpu(), counts[:, -1].cpu()
             scalars |= expert_load_stats(counts, entropy.cpu() / dp, dropped)
             heat_every = self.job.logging.heatmap_interval
@@ -118,6 +132,28 @@ class Trainer:
                 self.last_heatmap = self.step
         self.metrics.scalars(self.step, scalars)
         return scalars
+
+    def mfu(self, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation: the model's training FLOPs (model/flops.py) per second over
+        the peak of every device in the job."""
+        return tokens_per_s * self.cost.flops_per_token / (self.topology.layout.world_size * self.peak_flops)
+
+    def _performance(self, timer: StepTimer) -> dict:
+        """Steady-state speed, MFU and the peak memory of the busiest rank. Collective."""
+        steps, seconds = timer.steady()
+        tokens_per_s = steps * self.tokens_per_step / seconds if seconds > 0 else None
+        memory, kind = peak_memory(self.device)
+        peak = torch.tensor([memory], dtype=torch.int64, device=self.device)
+        all_reduce(peak, None, dist.ReduceOp.MAX)
+        return {"world_size": self.topology.layout.world_size, "layout": vars(self.topology.layout),
+                "device": str(self.device), "tokens_per_step": self.tokens_per_step,
+                "steady_steps": steps, "step_time_s": seconds / steps if steps else None,
+                "train_tokens_per_s": tokens_per_s, "total_params": self.cost.total_params,
+                "activated_params": self.cost.activated_params,
+                "flops_per_token": self.cost.flops_per_token,
+                "peak_tflops_per_device": self.peak_flops / 1e12 if self.peak_flops else None,
+                "mfu": self.mfu(tokens_per_s) if self.peak_flops and tokens_per_s else None,
+                "peak_memory_bytes": int(peak.item()), "peak_memory_kind": kind}
 
     @property
     def samples_seen(self) -> int:
@@ -165,10 +201,13 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, dynamic_ncols=True,
                    disable=not (self.is_main and log_cfg.progress), desc="train", unit="step")
         throughput, window, signals = Throughput(), _Window(), StopSignals(self.device)
+        timer = StepTimer()
         start, eval_loss, scalars, stopped = time.perf_counter(), float("nan"), {}, None
         try:
             while self.step < cfg.steps:
+                began = time.perf_counter()
                 norm = self.train_step(window)
+                timer.add(time.perf_counter() - began)
                 throughput.update(self.tokens_per_step)
                 bar.update(1)
                 last = self.step == cfg.steps
@@ -197,7 +236,7 @@ class Trainer:
         summary = {"steps": self.step, "final_eval_loss": eval_loss,
                    "final_train_loss": scalars.get("train/loss"), "elapsed_s": elapsed,
                    "tokens_per_s": (self.step - self.origin_step) * self.tokens_per_step / elapsed,
-                   "evals": self.history, "train": self.train_history}
+                   "evals": self.history, "train": self.train_history} | self._performance(timer)
         if (ck.save_final or stopped) and self.step > (self.last_saved_step or 0):
             saving = time.perf_counter()
             summary["checkpoint"] = str(self.save())

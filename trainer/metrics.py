@@ -194,6 +194,48 @@ class MetricsWriter:
         self.close()
 
 
+class StepTimer:
+    """Wall time of the training steps alone (no evaluation, logging or checkpoints), for the
+    steady-state throughput a scaling study compares. The first `warmup_fraction` of the
+    steps (at least one when there are two or more) are left out: they pay for allocator
+    growth, autotuning and lazy initialisation."""
+
+    def __init__(self, warmup_fraction: float = 0.1) -> None:
+        self.warmup_fraction, self.durations = warmup_fraction, []
+
+    def add(self, seconds: float) -> None:
+        self.durations.append(seconds)
+
+    def steady(self) -> tuple[int, float]:
+        """(steps, seconds) after the warm-up."""
+        n = len(self.durations)
+        skip = max(1, int(n * self.warmup_fraction)) if n > 1 else 0
+        return n - skip, sum(self.durations[skip:])
+
+
+def peak_flops(device: torch.device, configured_tflops: float) -> float | None:
+    """FLOP/s of one device for MFU: logging.peak_tflops if set, else a known GPU's dense
+    bf16 peak, else None (no MFU: a CPU has no agreed peak)."""
+    if configured_tflops > 0:
+        return configured_tflops * 1e12
+    if device.type == "cuda":
+        from model.flops import known_peak_flops
+
+        return known_peak_flops(torch.cuda.get_device_name(device))
+    return None
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """This process's peak memory in bytes and what it measures: on CUDA the most memory
+    torch's allocator held for tensors; on CPU the peak resident set (which includes the
+    Python interpreter and torch's libraries, a few hundred MB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+
+
 class Throughput:
     """Tokens per second over the window since the previous ``rate()`` call (or construction).
 
