@@ -22,7 +22,7 @@ OUT/scaling_{strong,weak}.png (ideal lines dashed); each run's output to OUT/<po
 
 Launchers: `local` runs `python -m launcher.simulate` (one torchrun agent per simulated node
 on this machine); `slurm` submits slurm/train.sbatch (srun, one task per rank) with
-`sbatch --wait --nodes=N --ntasks-per-node=P`; `slurm-torchrun` submits
+`sbatch --nodes=N --ntasks-per-node=P` and waits for the job; `slurm-torchrun` submits
 slurm/train_torchrun.sbatch (one torchrun agent per node, PROCS_PER_NODE=P). Every point is
 planned and its config validated before the first run, so a bad combination fails at once,
 naming the values. A point whose arguments equal an earlier one (the smallest world of the
@@ -150,20 +150,52 @@ def launch_command(point: Point, launcher: str, template: str | None,
     template = template or TEMPLATES[launcher]
     tasks = point.per_node if launcher == "slurm" else 1
     env.update(PY=sys.executable, RUN_DIR=str(point.run_dir), PROCS_PER_NODE=str(point.per_node))
-    return (["sbatch", "--wait", "--parsable", f"--nodes={point.nodes}",
+    return (["sbatch", "--parsable", f"--chdir={Path.cwd()}", f"--nodes={point.nodes}",
              f"--ntasks-per-node={tasks}", f"--job-name=sweep-{point.name}",
-             f"--output={point.run_dir.resolve()}/slurm-%j.out", *sbatch_args, template,
-             *point.args], env)
+             f"--output={point.run_dir.resolve()}/slurm-%j.out", *sbatch_args,
+             str(Path(template).resolve()), *point.args], env)
 
 
 def run_point(point: Point, launcher: str, template: str | None, sbatch_args: list[str]) -> int:
+    """Run one point to its end; its exit code (a Slurm job's from scontrol)."""
     point.run_dir.mkdir(parents=True, exist_ok=True)
     (point.run_dir / "summary.json").unlink(missing_ok=True)
     cmd, env = launch_command(point, launcher, template, sbatch_args)
     with open(point.run_dir / "launch.log", "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        return subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE if launcher != "local" else log,
+                              stderr=subprocess.STDOUT, text=True)
+        if launcher == "local" or proc.returncode:
+            log.write(proc.stdout or "")
+            return proc.returncode
+        job = proc.stdout.strip().split(";")[0]
+        log.write(f"submitted job {job}; its output: slurm-{job}.out\n")
+        return wait_for_job(job)
+
+
+SLURM_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+               "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+
+
+def wait_for_job(job: str, poll_s: float = 2.0) -> int:
+    """Poll scontrol until the job ends (sbatch --wait checks ever more rarely, up to tens of
+    seconds apart); returns its exit code, 1 for an end other than COMPLETED without one."""
+    while True:
+        out = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True,
+                             text=True).stdout
+        state = dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+        if state.get("JobState") in SLURM_ENDED:
+            code = int(state.get("ExitCode", "1:0").split(":")[0])
+            return code if code or state["JobState"] == "COMPLETED" else 1
+        time.sleep(poll_s)
+
+
+def _log_tail(point: Point, lines: int = 15) -> tuple[Path, list[str]]:
+    """The end of the point's job output (the newest slurm-*.out, else launch.log)."""
+    logs = sorted(point.run_dir.glob("slurm-*.out"), key=lambda p: p.stat().st_mtime)
+    path = logs[-1] if logs else point.run_dir / "launch.log"
+    return path, path.read_text(errors="replace").splitlines()[-lines:]
 
 
 def row(point: Point, summary: dict | None, status: str) -> dict:
@@ -330,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
             if summary is None:
                 status = f"failed (exit {code})"
                 failed += 1
-                tail = (point.run_dir / "launch.log").read_text().splitlines()[-15:]
-                print(f"  {status} after {time.monotonic() - started:.0f} s; end of "
-                      f"{point.run_dir / 'launch.log'}:\n    " + "\n    ".join(tail), flush=True)
+                path, tail = _log_tail(point)
+                print(f"  {status} after {time.monotonic() - started:.0f} s; end of {path}:\n    "
+                      + "\n    ".join(tail), flush=True)
             else:
                 status = "ok"
                 marker.write_text(key)

@@ -7,6 +7,8 @@
    step, checkpoint, exit 75; the script requeues the job; the second run resumes with
    resume=auto and ends at the same final losses as the uninterrupted job (bitwise: the resume
    is exact, tests/distributed/test_resume.py).
+3. The scaling sweep (launcher.sweep --launcher slurm) submits one job per point and collects
+   their summaries into the CSV and plot.
 
 Skipped, with the reason, where Slurm is not installed or cannot start (`.ci/run` installs
 Debian's slurmctld, slurmd, slurm-client and munge).
@@ -14,8 +16,10 @@ Debian's slurmctld, slurmd, slurm-client and munge).
 
 from __future__ import annotations
 
+import csv
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +128,25 @@ def test_torchrun_template_runs_and_checkpoints(cluster, tmp_path):
     assert "launch: torchrun" in output and "placement: node 0: ranks [0, 1, 2, 3]" in output
     assert committed(run_dir / "checkpoints")[0].name == "step_00000006"
 
+
+
+def test_scaling_sweep_submits_one_job_per_point(cluster, tmp_path, monkeypatch, capsys):
+    """The README's sweep command with --launcher slurm: 1 node x 1 and x 2 tasks, strong."""
+    from launcher.sweep import main as sweep
+
+    monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
+    out = tmp_path / "sweep"
+    job = ["--config", TINY, *SMALL, "--train.steps=6", "--train.eval_interval=0",
+           "--logging.tensorboard=false"]
+    code = sweep(["--launcher", "slurm", "--nodes", "1", "--per-node", "1", "2", "--mode",
+                  "strong", "--out", str(out), "--", *job])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    with open(out / "scaling.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["world"], r["status"]) for r in rows] == [("1", "ok"), ("2", "ok")], printed
+    assert all(float(r["train_tokens_per_s"]) > 0 for r in rows)
+    for r in rows:
+        (job_log,) = (Path(r["run_dir"])).glob("slurm-*.out")
+        assert "launch: slurm" in job_log.read_text()
+    assert (out / "scaling_strong.png").stat().st_size > 10_000
