@@ -53,9 +53,9 @@ class JobConfig:
         for name, value in (("model.n_heads", m.n_heads), ("model.ffn_hidden", m.ffn_hidden)):
             if value % par.tp:
                 raise ConfigError(f"{name} ({value}) must be divisible by parallel.tp ({par.tp})")
-        if moe.backend == "deepspeed" and par.tp > 1:
+        if moe.backend in ("deepspeed", "megablocks") and par.tp > 1:
             raise ConfigError(
-                f"moe.backend deepspeed runs with parallel.tp 1 only (got {par.tp}); use the "
+                f"moe.backend {moe.backend} runs with parallel.tp 1 only (got {par.tp}); use the "
                 "native backend for tensor parallelism"
             )
         tokens = tr.micro_batch_size * tr.seq_len
@@ -72,7 +72,9 @@ class JobConfig:
             raise ConfigError(
                 f"train.seq_len ({tr.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})"
             )
-        if moe.expert_impl == "grouped_mm" and (m.dim % GROUPED_MM_ALIGN or moe.expert_hidden % GROUPED_MM_ALIGN):
+        # torch's grouped_mm only: megablocks' grouped_gemm (cuBLAS) takes any shape.
+        if (moe.backend != "megablocks" and moe.expert_impl == "grouped_mm"
+                and (m.dim % GROUPED_MM_ALIGN or moe.expert_hidden % GROUPED_MM_ALIGN)):
             raise ConfigError(
                 f"moe.expert_impl grouped_mm needs model.dim ({m.dim}) and moe.expert_hidden "
                 f"({moe.expert_hidden}) to be multiples of {GROUPED_MM_ALIGN}; use "

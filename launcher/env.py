@@ -206,6 +206,33 @@ def choose_backend(requested: str, cuda_available: bool | None = None) -> str:
     return requested
 
 
+def check_moe_backend(moe_backend: str, backend: str, cuda_available: bool | None = None) -> None:
+    """Refuse an MoE backend this process cannot run, before any process group exists.
+
+    `backend` is choose_backend's answer: gloo means the model trains on the CPU (device_for),
+    where MegaBlocks' CUDA/Triton kernels cannot run. With CUDA, MegaBlocks is imported here
+    (through its backend module, which is loaded only for this choice), so a missing or broken
+    install is a ConfigError on every rank, not an ImportError while the model is built.
+    """
+    if moe_backend != "megablocks":
+        return
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    if not cuda_available or backend != "nccl":
+        why = ("this machine has no CUDA" if not cuda_available
+               else f"parallel.backend is {backend} (CPU training)")
+        raise ConfigError(
+            "moe.backend megablocks needs CUDA (MegaBlocks' kernels are CUDA/Triton only) and "
+            f"parallel.backend nccl or auto; {why}; use moe.backend native or deepspeed on CPU"
+        )
+    from model.moe import megablocks_backend
+
+    try:
+        megablocks_backend.import_megablocks()
+    except ImportError as exc:
+        raise ConfigError(f"moe.backend megablocks: {exc}") from None
+
+
 def device_for(backend: str, local_rank: int) -> torch.device:
     """NCCL means one GPU per process, picked by local rank; gloo here means CPU training."""
     check_choice("backend", backend, ("nccl", "gloo"))

@@ -21,6 +21,7 @@ import torch
 from launcher.config import JobConfig, describe_schema, load_config
 from launcher.env import (
     DistEnv,
+    check_moe_backend,
     choose_backend,
     device_for,
     init_distributed,
@@ -66,6 +67,7 @@ def prepare(argv: list[str], env: DistEnv):
     job = load_config(argv)
     layout = job.validate(env.world_size)
     backend = choose_backend(job.parallel.backend)
+    check_moe_backend(job.moe.backend, backend)
     run_dir = Path(job.logging.run_dir)
     check_writable(run_dir)
     ckpt = find_checkpoint(job, run_dir, env.rank == 0)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from model.errors import ConfigError, check_choice, check_positive
 
-MOE_BACKENDS = ("native", "deepspeed")
+MOE_BACKENDS = ("native", "deepspeed", "megablocks")
 NOISY_GATE_POLICIES = ("none", "jitter", "rsample")
 DEEPSPEED_ONLY = ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens",
                   "use_rts", "noisy_gate_policy", "second_expert_sampling")
@@ -82,8 +82,10 @@ class MoEConfig:
     z_loss_coef: float = 0.001
     """Coefficient of the router z-loss (mean squared logsumexp of the router logits)."""
     backend: str = "native"
-    """MoE implementation: native (ours: dropless, uneven all-to-all, grouped GEMM) or
-    deepspeed (DeepSpeed-MoE's gate and layer: capacity buffers, equal-split all-to-all)."""
+    """MoE implementation: native (ours: dropless, uneven all-to-all, grouped GEMM),
+    deepspeed (DeepSpeed-MoE's gate and layer: capacity buffers, equal-split all-to-all) or
+    megablocks (MegaBlocks' dropless permute kernels and grouped GEMM on our router; CUDA
+    only, parallel.tp 1, installed by scripts/install_megablocks.sh)."""
     expert_impl: str = "grouped_mm"
     """Expert compute: grouped_mm (one grouped GEMM per projection) or loop (readable reference)."""
     capacity_factor: float = 1.0
@@ -127,16 +129,23 @@ class MoEConfig:
                 f"moe.capacity_factor ({self.capacity_factor}) and moe.eval_capacity_factor "
                 f"({self.eval_capacity_factor}) must be > 0, moe.min_capacity ({self.min_capacity}) >= 0"
             )
-        if self.backend == "native":
-            changed = [f"moe.{n} ({getattr(self, n)!r})" for n in DEEPSPEED_ONLY
-                       if getattr(self, n) != getattr(MoEConfig, n)]
-            if changed:
-                raise ConfigError(
-                    f"{', '.join(changed)} {'apply' if len(changed) > 1 else 'applies'} only to "
-                    "moe.backend deepspeed; the native backend is dropless and deterministic"
-                )
-        else:
+        if self.backend == "deepspeed":
             self._validate_deepspeed()
+            return
+        changed = [f"moe.{n} ({getattr(self, n)!r})" for n in DEEPSPEED_ONLY
+                   if getattr(self, n) != getattr(MoEConfig, n)]
+        if changed:
+            raise ConfigError(
+                f"{', '.join(changed)} {'apply' if len(changed) > 1 else 'applies'} only to "
+                f"moe.backend deepspeed; the {self.backend} backend is dropless"
+                + (" and deterministic" if self.backend == "native" else "")
+            )
+        if self.backend == "megablocks" and self.expert_impl != MoEConfig.expert_impl:
+            # Not a silent no-op: megablocks always computes with grouped_gemm's kernels.
+            raise ConfigError(
+                f"moe.expert_impl ({self.expert_impl!r}) does not apply to moe.backend "
+                "megablocks, which computes its experts with grouped_gemm's grouped GEMM"
+            )
 
     def _validate_deepspeed(self) -> None:
         # DeepSpeed renormalises the k weights for top_k >= 2 and never for top_k 1.

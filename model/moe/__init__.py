@@ -16,4 +16,8 @@ def build_moe(dim: int, cfg: MoEConfig) -> MoELayer:
         from model.moe.deepspeed_backend import DeepSpeedMoE
 
         return DeepSpeedMoE(dim, cfg)
+    if cfg.backend == "megablocks":
+        from model.moe.megablocks_backend import MegaBlocksMoE
+
+        return MegaBlocksMoE(dim, cfg)
     return NativeMoE(dim, cfg)

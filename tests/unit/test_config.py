@@ -65,7 +65,7 @@ def test_yaml_unknown_key_and_wrong_type(tmp_path):
     (["--model.n_heads=3"], 4, r"model.dim \(128\) must be divisible by model.n_heads \(3\)"),
     (["--train.seq_len=512"], 4, r"train.seq_len \(512\) must be <= model.max_seq_len \(128\)"),
     (["--moe.expert_hidden=100"], 4, r"moe.expert_hidden \(100\) to be multiples of 8"),
-    (["--moe.backend=fast"], 4, r"moe.backend \('fast'\) must be one of: native, deepspeed"),
+    (["--moe.backend=fast"], 4, r"moe.backend \('fast'\) must be one of: native, deepspeed, megablocks$"),
     (["--moe.capacity_factor=2"], 4,
      r"moe.capacity_factor \(2.0\) applies only to moe.backend deepspeed; the native backend is dropless"),
     (["--moe.backend=deepspeed", "--moe.top_k=1"], 4,
