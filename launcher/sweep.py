@@ -46,6 +46,7 @@ from pathlib import Path
 
 from launcher.config import JobConfig, load_config
 from model.errors import ConfigError
+from trainer.metrics import text_table
 
 MODES = ("strong", "weak")
 LAUNCHERS = ("local", "slurm", "slurm-torchrun")
@@ -54,6 +55,12 @@ COLUMNS = ("mode", "nodes", "per_node", "world", "dp", "ep", "tp", "micro_batch_
            "global_batch", "tokens_per_step", "train_tokens_per_s", "tokens_per_s_per_rank",
            "speedup", "ideal_speedup", "efficiency", "step_time_s", "mfu", "peak_memory_gib",
            "peak_memory_kind", "final_eval_loss", "status", "run_dir")
+
+
+SWEEP_COLUMNS = [("point", "point", "{}", 16), ("tokens/s", "train_tokens_per_s", "{:,.0f}", 12),
+                 ("speedup", "speedup", "{:.2f}", 9), ("ideal", "ideal_speedup", "{:.0f}", 7),
+                 ("effic.", "efficiency", "{:.2f}", 8), ("MFU", "mfu", "{:.3f}", 8),
+                 ("peak GiB", "peak_memory_gib", "{:.2f}", 10), ("  status", "status", "  {}", 0)]
 
 
 @dataclass
@@ -376,15 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row(point, summary, status))
     add_efficiency(rows, args.peak_tflops, flops)
     write_csv(rows, args.out / "scaling.csv")
-    print(f"\n{'point':<16}{'tokens/s':>12}{'speedup':>9}{'ideal':>7}{'effic.':>8}{'MFU':>8}"
-          f"{'peak GiB':>10}  status")
     for r in rows:
-        def cell(k, f):
-            return f.format(r[k]) if r.get(k) is not None else "-"
-        print(f"{r['mode'] + ' ' + str(r['nodes']) + 'x' + str(r['per_node']):<16}"
-              f"{cell('train_tokens_per_s', '{:,.0f}'):>12}{cell('speedup', '{:.2f}'):>9}"
-              f"{cell('ideal_speedup', '{:.0f}'):>7}{cell('efficiency', '{:.2f}'):>8}"
-              f"{cell('mfu', '{:.3f}'):>8}{cell('peak_memory_gib', '{:.2f}'):>10}  {r['status']}")
+        r["point"] = f"{r['mode']} {r['nodes']}x{r['per_node']}"
+    print("\n" + text_table(rows, SWEEP_COLUMNS))
     print(f"\nwrote {args.out / 'scaling.csv'}")
     if not args.no_plots:
         for mode in args.mode:

@@ -255,3 +255,23 @@ class Throughput:
         elapsed = now - self._start
         tokens, self._tokens, self._start = self._tokens, 0, now
         return tokens / elapsed if elapsed > 0 else 0.0
+
+
+def text_table(rows: list[Mapping[str, Any]], columns: list[tuple]) -> str:
+    """A fixed-width table for reports (the sweep, the benchmarks). `columns` holds
+    (header, key, format, width) or (header, key, format, width, scale); a missing or None
+    value prints as '-' (as nothing in a width-0 column, a free-text tail such as a status).
+    The first column is left-aligned, the others right-aligned."""
+    def cell(row, key, fmt, width, scale=1.0):
+        value = row.get(key)
+        if value is None:
+            return "-" if width else ""
+        return fmt.format(value * scale) if isinstance(value, (int, float)) and scale != 1.0 else fmt.format(value)
+
+    def line(values):
+        return "".join(v.ljust(c[3]) if i == 0 else v.rjust(c[3])
+                       for i, (v, c) in enumerate(zip(values, columns)))
+
+    out = [line([c[0] for c in columns])]
+    out += [line([cell(r, c[1], c[2], c[3], *c[4:]) for c in columns]) for r in rows]
+    return "\n".join(out)

@@ -60,3 +60,14 @@ def test_peak_flops_needs_a_known_gpu_or_a_configured_figure():
     assert peak_flops(torch.device("cpu"), 2.5) == 2.5e12
     memory, kind = peak_memory(torch.device("cpu"))
     assert kind == "cpu_max_rss" and memory > 10 * 2**20
+
+
+def test_the_gpu_benchmark_config_is_the_model_issue_6_describes():
+    from launcher.config import load_config
+
+    job = load_config(["--config", "configs/gpu_moe_1b.yaml"])
+    assert job.validate(world_size=1).dp == 1
+    cost = model_cost(job.model, job.moe, job.train.seq_len)
+    assert 1.5e9 < cost.total_params < 1.8e9 and 0.25e9 < cost.activated_params < 0.3e9
+    assert (job.model.n_layers, job.model.dim, job.moe.num_experts, job.moe.expert_hidden,
+            job.moe.top_k, job.train.seq_len) == (16, 1024, 64, 512, 8, 2048)

@@ -140,3 +140,16 @@ def test_throughput_rate_positive_and_windowed():
     assert r < 1500 / 0.01 * 1.01  # at most tokens / (slept time)
     # The window resets: with no new tokens the next rate is zero.
     assert t.rate() == 0.0
+
+
+def test_text_table_formats_scales_and_marks_missing_values():
+    from trainer.metrics import text_table
+
+    rows = [{"name": "a", "bytes": 2**31, "x": 0.5, "note": "ok"}, {"name": "bb", "x": None}]
+    columns = [("name", "name", "{}", 4), ("GiB", "bytes", "{:.1f}", 6, 2**-30),
+               ("x", "x", "{:.2f}", 6), ("  note", "note", "  {}", 0)]
+    assert text_table(rows, columns).splitlines() == [
+        "name   GiB     x  note",
+        "a      2.0  0.50  ok",
+        "bb       -     -",
+    ]

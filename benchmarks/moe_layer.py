@@ -1,0 +1,293 @@
+"""One MoE layer, forward + backward, every backend side by side against a dense reference.
+
+    python benchmarks/moe_layer.py                  # GPU: both shapes x both routings, bf16
+    python benchmarks/moe_layer.py --shape fine-grained --routing zipf --backend native megablocks
+    python benchmarks/moe_layer.py --smoke          # CPU: tiny shapes, fp32 (checks the harness)
+
+Shapes (issue 6): mixtral-like (hidden 4096, expert ffn 14336, 8 experts, top-2, 8192 tokens)
+and fine-grained (2048, 1024, 64 experts, top-8, 16384 tokens). Routings: `uniform` (random
+router, near-even load) and `zipf` (expert e gets a share near (e+1)^-1 / H_E: a router
+whose weights add log-Zipf biases through one input direction every token shares).
+
+Backends: native (grouped_mm), native-loop (one GEMM per expert: the readable reference),
+megablocks (skipped, saying why, where it cannot run), deepspeed at capacity factor 1 and 2
+(dropping tokens), and `dense`: three plain GEMMs over T x K rows, the same activated FLOPs
+with no routing at all, the ceiling. FLOPs are model FLOPs, 18 x T x K x D x F for forward
++ backward (3 GEMMs of 2 T K D F each, backward twice forward), the same for every backend
+(a backend that drops tokens does less work and looks faster for it; its drop rate is shown).
+
+Reported per (shape, routing, backend): median time of `--iters` steps after `--warmup`,
+TFLOP/s, the ratio to dense and to megablocks, peak memory allocated during the step on CUDA
+(total, and above what was held before it), the host synchronisations the layer's forward
+made (CUDA's sync debug mode counts them), the load imbalance (max / mean tokens per expert)
+and the dropped fraction. A table on stdout and everything as JSON (`--out`). Nothing here is
+asserted; tests/unit/test_bench_moe_layer.py only checks the harness on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model.config import MoEConfig  # noqa: E402
+from model.moe import build_moe  # noqa: E402
+from trainer.metrics import text_table  # noqa: E402
+
+SHAPES = {  # hidden D, expert ffn F, experts E, top-k K, tokens T
+    "mixtral-like": (4096, 14336, 8, 2, 8192),
+    "fine-grained": (2048, 1024, 64, 8, 16384),
+}
+SMOKE_SHAPES = {"tiny-coarse": (64, 128, 8, 2, 256), "tiny-fine": (64, 32, 16, 4, 512)}
+ROUTINGS = ("uniform", "zipf")
+ZIPF_STRENGTH = 1.0
+BACKENDS = ("dense", "native", "native-loop", "megablocks", "deepspeed-cf1", "deepspeed-cf2")
+
+
+def flops(D: int, F_: int, K: int, T: int) -> float:
+    return 18.0 * T * K * D * F_
+
+
+def routed_inputs(D: int, E: int, T: int, routing: str, device, dtype, seed: int = 0):
+    """(x_TD, router weight (E, D)) whose top-k choices are near-uniform or Zipf-skewed.
+
+    Zipf: every token has 1 in input feature 0 and router row e has -a log(e+1) there, so
+    expert e's logit is shifted by that for every token: its softmax probability scales by
+    (e+1)^-a on top of the random part (logits of standard deviation about 1). a =
+    ZIPF_STRENGTH = 1 gives the busiest expert a share of the token-slots near Zipf(1)'s first
+    share 1 / H_E where top-k allows it (measured: 0.366 against 0.368 at E 8, top-2; 0.119 at
+    E 64, top-8, where a token picks an expert once, so no share exceeds 1 / K = 0.125)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=g)
+    w = torch.randn(E, D, generator=g) * (D ** -0.5)
+    if routing == "zipf":
+        x[:, 0] = 1.0  # every token shares this input direction ...
+        w[:, 0] = -ZIPF_STRENGTH * torch.log(torch.arange(1, E + 1, dtype=torch.float32))
+    elif routing != "uniform":
+        raise ValueError(f"routing ({routing!r}) must be one of {ROUTINGS}")
+    return x.to(device, dtype), w
+
+
+def build(backend: str, D: int, F_: int, E: int, K: int, router_w, device, dtype):
+    """A layer (or the dense reference) with the same canonical weights for every backend."""
+    if backend == "dense":
+        g = torch.Generator().manual_seed(1)
+        ws = [torch.randn(D, F_, generator=g) * D ** -0.5, torch.randn(D, F_, generator=g) * D ** -0.5,
+              torch.randn(F_, D, generator=g) * F_ ** -0.5]
+        return [w.to(device, dtype).requires_grad_() for w in ws]
+    kw = {"num_experts": E, "top_k": K, "expert_hidden": F_}
+    if backend == "native":
+        cfg = MoEConfig(**kw)
+    elif backend == "native-loop":
+        cfg = MoEConfig(**kw, expert_impl="loop")
+    elif backend == "megablocks":
+        cfg = MoEConfig(**kw, backend="megablocks")
+    elif backend.startswith("deepspeed-cf"):
+        factor = float(backend.removeprefix("deepspeed-cf"))
+        cfg = MoEConfig(**kw, backend="deepspeed", capacity_factor=factor,
+                        eval_capacity_factor=factor, drop_tokens=True)
+    else:
+        raise ValueError(f"backend ({backend!r}) must be one of {BACKENDS}")
+    torch.manual_seed(1)
+    layer = build_moe(D, cfg)
+    with torch.no_grad():
+        layer.router.weight.copy_(router_w)
+        for name in ("w1_EDF", "w3_EDF"):
+            getattr(layer.experts, name).normal_(0, D ** -0.5)
+        layer.experts.w2_EFD.normal_(0, F_ ** -0.5)
+    return layer.to(device, dtype)
+
+
+def unavailable(backend: str, device: torch.device) -> str | None:
+    if backend == "megablocks":
+        if device.type != "cuda":
+            return "megablocks needs CUDA"
+        from model.moe.megablocks_backend import import_megablocks
+
+        try:
+            import_megablocks()
+        except ImportError as exc:
+            return str(exc).split(";")[0]
+    return None
+
+
+def step_fn(backend: str, layer, x, K: int, grad):
+    """One forward + backward; returns the forward's route (None for dense)."""
+    if backend == "dense":
+        w1, w3, w2 = layer
+        x_rows = x.repeat_interleave(K, dim=0)  # T*K rows, as many as the routed slots
+        y = (F.silu(x_rows @ w1) * (x_rows @ w3)) @ w2
+        y.backward(grad.repeat_interleave(K, dim=0))
+        return None
+    y, route = layer(x.unsqueeze(0))
+    y.backward(grad.unsqueeze(0))
+    return route
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_forward_syncs(backend: str, layer, x, K: int) -> int | None:
+    """Host synchronisations in one forward (CUDA only), from torch's sync debug mode."""
+    if x.device.type != "cuda" or backend == "dense":
+        return None if x.device.type != "cuda" else 0
+    _sync(x.device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.no_grad():
+                layer(x.unsqueeze(0))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def measure(backend, shape, routing, device, dtype, iters: int, warmup: int) -> dict:
+    D, F_, E, K, T = shape
+    out = {"backend": backend, "flops": flops(D, F_, K, T)}
+    why = unavailable(backend, device)
+    if why:
+        return out | {"skipped": why}
+    x, router_w = routed_inputs(D, E, T, routing, device, dtype)
+    grad = torch.randn(T, D, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    layer = build(backend, D, F_, E, K, router_w, device, dtype)
+    params = layer if backend == "dense" else list(layer.parameters())
+    route = None
+    for _ in range(warmup):
+        route = step_fn(backend, layer, x, K, grad)
+    for p in params:
+        p.grad = None
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(iters):
+        for p in params:
+            p.grad = None
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            route = step_fn(backend, layer, x, K, grad)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            began = time.perf_counter()
+            route = step_fn(backend, layer, x, K, grad)
+            times.append(time.perf_counter() - began)
+    seconds = statistics.median(times)
+    out |= {"time_ms": seconds * 1e3, "tflops": out["flops"] / seconds / 1e12}
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        out |= {"peak_memory_gib": peak / 2**30, "peak_above_start_gib": (peak - before) / 2**30}
+    out["forward_host_syncs"] = count_forward_syncs(backend, layer, x, K)
+    if route is not None:
+        counts = route.counts_E.float()
+        out["max_over_mean_load"] = float(counts.max() / counts.mean())
+        dropped = route.dropped_slots
+        out["dropped_fraction"] = float(dropped) / (T * K) if dropped is not None else 0.0
+    return out
+
+
+def _init_single_process(device: torch.device) -> None:
+    """DeepSpeed's layer expects torch.distributed; a world of one does."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def run(shapes: dict, routings, backends, device, dtype, iters, warmup, progress=print) -> dict:
+    _init_single_process(device)
+    results = []
+    for name, shape in shapes.items():
+        for routing in routings:
+            rows = []
+            for backend in backends:
+                progress(f"{name} {routing} {backend} ...")
+                rows.append(measure(backend, shape, routing, device, dtype, iters, warmup))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            by = {r["backend"]: r for r in rows}
+            for r in rows:
+                for ref in ("dense", "megablocks"):
+                    if "tflops" in r and "tflops" in by.get(ref, {}):
+                        r[f"vs_{ref}"] = r["tflops"] / by[ref]["tflops"]
+            D, F_, E, K, T = shape
+            results.append({"shape": name, "hidden": D, "expert_ffn": F_, "experts": E, "top_k": K,
+                            "tokens": T, "routing": routing, "rows": rows})
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": str(dtype).removeprefix("torch."),
+            "iters": iters, "warmup": warmup, "results": results}
+
+
+LAYER_COLUMNS = [("backend", "backend", "{}", 15), ("ms", "time_ms", "{:.2f}", 9),
+                 ("TFLOP/s", "tflops", "{:.3g}", 9), ("/dense", "vs_dense", "{:.3f}", 8),
+                 ("/megabl.", "vs_megablocks", "{:.3f}", 9), ("peak GiB", "peak_memory_gib", "{:.2f}", 9),
+                 ("+GiB", "peak_above_start_gib", "{:.2f}", 7), ("syncs", "forward_host_syncs", "{}", 6),
+                 ("max/mean", "max_over_mean_load", "{:.2f}", 9), ("dropped", "dropped_fraction", "{:.3f}", 8),
+                 ("  skipped", "skipped", "  {}", 0)]
+
+
+def table(report: dict) -> str:
+    lines = [f"{report['device']}, torch {report['torch']}, CUDA {report['cuda']}, {report['dtype']}, "
+             f"median of {report['iters']} steps (fwd+bwd)"]
+    for res in report["results"]:
+        lines.append(f"\n{res['shape']} (D {res['hidden']}, F {res['expert_ffn']}, E {res['experts']}, "
+                     f"top-{res['top_k']}, T {res['tokens']}), {res['routing']} routing")
+        lines.append(text_table(res["rows"], LAYER_COLUMNS))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes in fp32 on CPU")
+    parser.add_argument("--shape", nargs="+", help=f"of {list(SHAPES)} (default all)")
+    parser.add_argument("--routing", nargs="+", default=list(ROUTINGS), choices=ROUTINGS)
+    parser.add_argument("--backend", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--iters", type=int, default=None, help="timed steps (default 20; smoke 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; smoke 1)")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "moe_layer.json")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        device, dtype, shapes = torch.device("cpu"), torch.float32, SMOKE_SHAPES
+    else:
+        if not torch.cuda.is_available():
+            parser.error("the layer benchmark needs CUDA (--smoke runs tiny shapes on CPU)")
+        device, dtype, shapes = torch.device("cuda", 0), torch.bfloat16, SHAPES
+    if args.shape:
+        unknown = [s for s in args.shape if s not in shapes]
+        if unknown:
+            parser.error(f"--shape {unknown} not among {list(shapes)}")
+        shapes = {s: shapes[s] for s in args.shape}
+    iters = args.iters or (2 if args.smoke else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
+    report = run(shapes, args.routing, args.backend, device, dtype, iters, warmup,
+                 progress=lambda m: print(m, file=sys.stderr, flush=True))
+    print(table(report))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
