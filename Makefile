@@ -49,7 +49,7 @@ sweep: $(STAMP)
 	$(BIN)/python -m launcher.sweep --nodes $(SWEEP_NODES) --per-node $(SWEEP_PER_NODE) --launcher $(LAUNCHER) -- --config $(CONFIG) $(SWEEP_ARGS) $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra $(ARGS)
+	$(BIN)/python -m pytest -q -ra --durations=15 $(ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests/unit $(ARGS)
