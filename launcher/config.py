@@ -72,8 +72,8 @@ class JobConfig:
             raise ConfigError(
                 f"train.seq_len ({tr.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})"
             )
-        # torch's grouped_mm only: megablocks' grouped_gemm (cuBLAS) takes any shape.
-        if (moe.backend != "megablocks" and moe.expert_impl == "grouped_mm"
+        # torch's grouped_mm, the native backend's: the other backends' kernels take any shape.
+        if (moe.backend == "native" and moe.expert_impl == "grouped_mm"
                 and (m.dim % GROUPED_MM_ALIGN or moe.expert_hidden % GROUPED_MM_ALIGN)):
             raise ConfigError(
                 f"moe.expert_impl grouped_mm needs model.dim ({m.dim}) and moe.expert_hidden "

@@ -129,6 +129,14 @@ class MoEConfig:
                 f"moe.capacity_factor ({self.capacity_factor}) and moe.eval_capacity_factor "
                 f"({self.eval_capacity_factor}) must be > 0, moe.min_capacity ({self.min_capacity}) >= 0"
             )
+        if self.backend != "native" and self.expert_impl != MoEConfig.expert_impl:
+            # Not a silent no-op: only the native backend has a choice of expert kernels.
+            kernels = {"deepspeed": "batched matmuls over its capacity buffer",
+                       "megablocks": "grouped_gemm's grouped GEMM"}[self.backend]
+            raise ConfigError(
+                f"moe.expert_impl ({self.expert_impl!r}) does not apply to moe.backend "
+                f"{self.backend}, which computes its experts with {kernels}"
+            )
         if self.backend == "deepspeed":
             self._validate_deepspeed()
             return
@@ -139,12 +147,6 @@ class MoEConfig:
                 f"{', '.join(changed)} {'apply' if len(changed) > 1 else 'applies'} only to "
                 f"moe.backend deepspeed; the {self.backend} backend is dropless"
                 + (" and deterministic" if self.backend == "native" else "")
-            )
-        if self.backend == "megablocks" and self.expert_impl != MoEConfig.expert_impl:
-            # Not a silent no-op: megablocks always computes with grouped_gemm's kernels.
-            raise ConfigError(
-                f"moe.expert_impl ({self.expert_impl!r}) does not apply to moe.backend "
-                "megablocks, which computes its experts with grouped_gemm's grouped GEMM"
             )
 
     def _validate_deepspeed(self) -> None:

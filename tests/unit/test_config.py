@@ -74,6 +74,9 @@ def test_yaml_unknown_key_and_wrong_type(tmp_path):
      r"moe.noisy_gate_policy rsample needs moe.top_k 1, not 2"),
     (["--moe.backend=deepspeed", "--parallel.dp=2", "--parallel.tp=2", "--parallel.ep=2"], 4,
      r"moe.backend deepspeed runs with parallel.tp 1 only \(got 2\)"),
+    (["--moe.backend=deepspeed", "--moe.expert_impl=loop"], 4,
+     r"moe.expert_impl \('loop'\) does not apply to moe.backend deepspeed, which computes its "
+     r"experts with batched matmuls over its capacity buffer"),
     (["--model.vocab_size=100"], 4, r"model.vocab_size \(100\) must be >= 256"),
     (["--parallel.dp=1", "--parallel.tp=4", "--parallel.ep=1", "--model.n_heads=2"], 4,
      r"model.n_heads \(2\) must be divisible by parallel.tp \(4\)"),
@@ -114,3 +117,10 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     saved = tmp_path / "resolved.yaml"
     saved.write_text(job.to_yaml())
     assert load_config(["--config", str(saved)]) == job
+
+
+def test_grouped_mm_alignment_binds_the_native_backend_only():
+    """The deepspeed backend's batched matmuls take any expert_hidden (so do megablocks')."""
+    job = load_config(["--config", "configs/cpu_tiny.yaml", "--moe.backend=deepspeed",
+                       "--moe.expert_hidden=100"])
+    assert job.validate(world_size=4).ep == 4
