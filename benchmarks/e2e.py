@@ -40,15 +40,9 @@ def skip_reason(backend: str) -> str | None:
         return None
     import torch
 
-    if not torch.cuda.is_available():
-        return "megablocks needs CUDA"
-    from model.moe.megablocks_backend import import_megablocks
+    from model.moe.megablocks_backend import why_unavailable
 
-    try:
-        import_megablocks()
-    except ImportError as exc:
-        return str(exc).split(";")[0]
-    return None
+    return why_unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def run_backend(backend: str, args, extra: list[str], out: Path) -> dict:

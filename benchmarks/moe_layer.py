@@ -111,16 +111,11 @@ def build(backend: str, D: int, F_: int, E: int, K: int, router_w, device, dtype
 
 
 def unavailable(backend: str, device: torch.device) -> str | None:
-    if backend == "megablocks":
-        if device.type != "cuda":
-            return "megablocks needs CUDA"
-        from model.moe.megablocks_backend import import_megablocks
+    if backend != "megablocks":
+        return None
+    from model.moe.megablocks_backend import why_unavailable
 
-        try:
-            import_megablocks()
-        except ImportError as exc:
-            return str(exc).split(";")[0]
-    return None
+    return why_unavailable(device)
 
 
 def step_fn(backend: str, layer, x, K: int, grad):

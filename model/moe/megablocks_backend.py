@@ -90,6 +90,17 @@ def import_megablocks() -> SimpleNamespace:
                            gmm=grouped_gemm.ops.gmm)
 
 
+def why_unavailable(device: torch.device) -> str | None:
+    """Why the megablocks backend cannot run on `device` here, in a line; None if it can."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "megablocks needs CUDA"
+    try:
+        import_megablocks()
+    except ImportError as exc:
+        return str(exc).split(";")[0]
+    return None
+
+
 class _CanonicalGLU:
     """Stands in for MegaBlocks' GroupedGLU (`ParallelDroplessMLP.mlp`): SwiGLU experts on
     our stacked weights, read at every call (so sharding and `.to()` are always seen)."""
