@@ -223,9 +223,8 @@ def row(point: Point, summary: dict | None, status: str) -> dict:
     return r
 
 
-def add_efficiency(rows: list[dict], peak_tflops: float | None, flops: dict[str, float]) -> None:
-    """Speed-up over the mode's smallest successful world, the ideal, their ratio; and MFU
-    from --peak-tflops where given."""
+def add_efficiency(rows: list[dict]) -> None:
+    """Speed-up over the mode's smallest successful world, the ideal, and their ratio."""
     for mode in MODES:
         done = [r for r in rows if r["mode"] == mode and r.get("train_tokens_per_s")]
         if not done:
@@ -235,9 +234,6 @@ def add_efficiency(rows: list[dict], peak_tflops: float | None, flops: dict[str,
             r["speedup"] = r["train_tokens_per_s"] / base["train_tokens_per_s"]
             r["ideal_speedup"] = r["world"] / base["world"]
             r["efficiency"] = r["speedup"] / r["ideal_speedup"]
-            if peak_tflops:
-                r["mfu"] = (r["train_tokens_per_s"] * flops[r["run_dir"]]
-                            / (r["world"] * peak_tflops * 1e12))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -321,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                         "gcd(dp, num_experts)), config, or an integer")
     parser.add_argument("--global-batch", type=int, help="strong scaling's global batch in sequences")
     parser.add_argument("--peak-tflops", type=float,
-                        help="peak TFLOP/s of one device for MFU (else the job's own figure)")
+                        help="peak TFLOP/s of one device for MFU, passed to every run as "
+                        "logging.peak_tflops (else a known GPU's figure)")
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"), help="default runs/sweep")
     parser.add_argument("--rerun", action="store_true", help="run points that already finished")
     parser.add_argument("--no-plots", action="store_true", help="CSV only (no matplotlib needed)")
@@ -337,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 raise ConfigError("the plots need matplotlib: pip install 'moe-train[plot]' "
                                   "(or pass --no-plots for the CSV alone)") from None
+        if args.peak_tflops:  # every run computes its MFU with it (trainer/loop.py)
+            job_args = [*job_args, f"--logging.peak_tflops={args.peak_tflops}"]
         points = plan(job_args, args.mode, args.nodes, args.per_node, args.out, args.ep,
                       args.global_batch)
     except ConfigError as exc:
@@ -345,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"sweep: {len(points)} points ({', '.join(p.name for p in points)}) with "
           f"--launcher {args.launcher}; results in {args.out}", flush=True)
-    rows, flops, ran, failed = [], {}, {}, 0
+    rows, ran, failed = [], {}, 0
     for i, point in enumerate(points, 1):
         key = json.dumps(_key(point))
         head = (f"[{i}/{len(points)}] {point.mode} {point.nodes}x{point.per_node}: world "
@@ -379,9 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{summary['train_tokens_per_s']:,.0f} tokens/s", flush=True)
         if summary is not None:
             ran.setdefault(key, (summary, point.name))
-            flops[str(point.run_dir)] = summary["flops_per_token"]
         rows.append(row(point, summary, status))
-    add_efficiency(rows, args.peak_tflops, flops)
+    add_efficiency(rows)
     write_csv(rows, args.out / "scaling.csv")
     for r in rows:
         r["point"] = f"{r['mode']} {r['nodes']}x{r['per_node']}"

@@ -41,7 +41,7 @@ def test_sweep_writes_csv_and_plots_and_reuses_finished_points(tmp_path, capsys)
         assert float(r["efficiency"]) == pytest.approx(float(r["speedup"]) / world, rel=1e-4)
         if summary:
             assert summary["world_size"] == world and summary["layout"]["dp"] == world
-            assert summary["mfu"] is None  # no peak known on CPU; the sweep's flag supplies it
+            assert summary["peak_tflops_per_device"] == PEAK_TFLOPS  # the sweep passed it on
             assert float(r["mfu"]) == pytest.approx(
                 tps * summary["flops_per_token"] / (world * PEAK_TFLOPS * 1e12), rel=1e-4)
     for mode in ("strong", "weak"):
