@@ -356,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
             summary, status = ran[key]
             print(f"{head}: same run as {status}", flush=True)
             status = f"same as {status}"
-        elif not args.rerun and marker.is_file() and marker.read_text() == key and _read_summary(point):
-            summary, status = _read_summary(point), "reused"
+        elif (not args.rerun and marker.is_file() and marker.read_text() == key
+              and (summary := _read_summary(point))):
+            status = "reused"
             print(f"{head}: reusing the finished run in {point.run_dir}", flush=True)
         else:
             print(f"{head}: running ...", flush=True)
