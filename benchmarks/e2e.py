@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from launcher.sweep import log_tail, read_summary  # noqa: E402
 from trainer.metrics import text_table  # noqa: E402
 
 BACKENDS = ("native", "megablocks", "deepspeed")
@@ -62,14 +63,11 @@ def run_backend(backend: str, args, extra: list[str], out: Path) -> dict:
         log.write(" ".join(cmd) + "\n")
         log.flush()
         code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        summary = None
+    summary = read_summary(run_dir)
     if code or summary is None:
-        tail = (run_dir / "launch.log").read_text(errors="replace").splitlines()[-12:]
-        print(f"{backend}: failed (exit {code}); end of {run_dir / 'launch.log'}:\n    "
-              + "\n    ".join(tail), file=sys.stderr)
+        path, tail = log_tail(run_dir, 12)
+        print(f"{backend}: failed (exit {code}); end of {path}:\n    " + "\n    ".join(tail),
+              file=sys.stderr)
         return {"backend": backend, "status": f"failed (exit {code})", "run_dir": str(run_dir)}
     keys = ("train_tokens_per_s", "step_time_s", "mfu", "peak_memory_bytes", "peak_memory_kind",
             "final_eval_loss", "flops_per_token", "activated_params", "total_params", "device",

@@ -185,23 +185,28 @@ SLURM_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_
                "BOOT_FAIL", "DEADLINE", "PREEMPTED")
 
 
+def slurm_job_state(job: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...); {} if unknown."""
+    out = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True, text=True,
+                         env=env).stdout
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
 def wait_for_job(job: str, poll_s: float = 2.0) -> int:
     """Poll scontrol until the job ends (sbatch --wait checks ever more rarely, up to tens of
     seconds apart); returns its exit code, 1 for an end other than COMPLETED without one."""
     while True:
-        out = subprocess.run(["scontrol", "show", "job", job, "-o"], capture_output=True,
-                             text=True).stdout
-        state = dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+        state = slurm_job_state(job)
         if state.get("JobState") in SLURM_ENDED:
             code = int(state.get("ExitCode", "1:0").split(":")[0])
             return code if code or state["JobState"] == "COMPLETED" else 1
         time.sleep(poll_s)
 
 
-def _log_tail(point: Point, lines: int = 15) -> tuple[Path, list[str]]:
-    """The end of the point's job output (the newest slurm-*.out, else launch.log)."""
-    logs = sorted(point.run_dir.glob("slurm-*.out"), key=lambda p: p.stat().st_mtime)
-    path = logs[-1] if logs else point.run_dir / "launch.log"
+def log_tail(run_dir: Path, lines: int = 15) -> tuple[Path, list[str]]:
+    """The end of a run's output: the newest Slurm job log in `run_dir`, else launch.log."""
+    logs = sorted(run_dir.glob("slurm-*.out"), key=lambda p: p.stat().st_mtime)
+    path = logs[-1] if logs else run_dir / "launch.log"
     return path, path.read_text(errors="replace").splitlines()[-lines:]
 
 
@@ -293,9 +298,10 @@ def plot(rows: list[dict], mode: str, path: Path) -> bool:
     return True
 
 
-def _read_summary(point: Point) -> dict | None:
+def read_summary(run_dir: Path) -> dict | None:
+    """The run's summary.json (trainer/loop.py), or None when it is missing or unreadable."""
     try:
-        return json.loads((point.run_dir / "summary.json").read_text())
+        return json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
 
@@ -357,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{head}: same run as {status}", flush=True)
             status = f"same as {status}"
         elif (not args.rerun and marker.is_file() and marker.read_text() == key
-              and (summary := _read_summary(point))):
+              and (summary := read_summary(point.run_dir))):
             status = "reused"
             print(f"{head}: reusing the finished run in {point.run_dir}", flush=True)
         else:
@@ -365,11 +371,11 @@ def main(argv: list[str] | None = None) -> int:
             marker.unlink(missing_ok=True)
             started = time.monotonic()
             code = run_point(point, args.launcher, args.template, args.sbatch_arg)
-            summary = _read_summary(point) if code == 0 else None
+            summary = read_summary(point.run_dir) if code == 0 else None
             if summary is None:
                 status = f"failed (exit {code})"
                 failed += 1
-                path, tail = _log_tail(point)
+                path, tail = log_tail(point.run_dir)
                 print(f"  {status} after {time.monotonic() - started:.0f} s; end of {path}:\n    "
                       + "\n    ".join(tail), flush=True)
             else:

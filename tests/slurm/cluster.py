@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from launcher.sweep import slurm_job_state
+
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo")
 
 CONF = """ClusterName=moetest
@@ -96,8 +98,7 @@ class Cluster:
         return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=check)
 
     def job_state(self, job: str) -> dict[str, str]:
-        out = self.run("scontrol", "show", "job", job, "-o", check=False).stdout
-        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+        return slurm_job_state(job, self.env)
 
     def stop(self) -> None:
         for proc in self.procs:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.sweep import SLURM_ENDED
 from parallel.checkpoint_store import committed
 from tests.distributed.launch import ROOT, SMALL, TINY
 from tests.slurm.cluster import Cluster, missing
@@ -56,7 +57,6 @@ def _submit(cluster, run_dir, log, template="train.sbatch", job=JOB):
     return cluster.run(*cmd)
 
 
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
 def _run_job(cluster, run_dir, log, **kwargs):
@@ -65,7 +65,7 @@ def _run_job(cluster, run_dir, log, **kwargs):
     proc = _submit(cluster, run_dir, log, **kwargs)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
-    _wait(cluster, job, lambda: cluster.job_state(job).get("JobState") in ENDED, 300, "the end")
+    _wait(cluster, job, lambda: cluster.job_state(job).get("JobState") in SLURM_ENDED, 300, "the end")
     return cluster.job_state(job), log.read_text() if log.exists() else ""
 
 
