@@ -19,8 +19,10 @@ with no routing at all, the ceiling. FLOPs are model FLOPs, 18 x T x K x D x F f
 Reported per (shape, routing, backend): median time of `--iters` steps after `--warmup`,
 TFLOP/s, the ratio to dense and to megablocks, peak memory allocated during the step on CUDA
 (total, and above what was held before it), the host synchronisations the layer's forward
-made (CUDA's sync debug mode counts them), the load imbalance (max / mean tokens per expert)
-and the dropped fraction. A table on stdout and everything as JSON (`--out`). Nothing here is
+made (CUDA's sync debug mode counts them on a GPU; `sync ops` counts the operations that would
+synchronise on a GPU, on any device: benchmarks/host_syncs.py), the activation bytes one forward
+keeps for backward (`saved MiB`: benchmarks/saved_tensors.py), the load imbalance (max / mean
+tokens per expert) and the dropped fraction. A table on stdout and everything as JSON (`--out`). Nothing here is
 asserted; tests/unit/test_bench_moe_layer.py only checks the harness on CPU.
 """
 
@@ -42,6 +44,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.host_syncs import HostSyncCounter  # noqa: E402
+from benchmarks.saved_tensors import saved_tensor_bytes  # noqa: E402
 from model.config import MoEConfig  # noqa: E402
 from model.moe import build_moe  # noqa: E402
 from trainer.metrics import text_table  # noqa: E402
@@ -118,17 +122,29 @@ def unavailable(backend: str, device: torch.device) -> str | None:
     return why_unavailable(device)
 
 
-def step_fn(backend: str, layer, x, K: int, grad):
-    """One forward + backward; returns the forward's route (None for dense)."""
+def forward(backend: str, layer, x, K: int):
+    """One forward: (output, route); route is None for dense."""
     if backend == "dense":
         w1, w3, w2 = layer
-        x_rows = x.repeat_interleave(K, dim=0)  # T*K rows, as many as the routed slots
-        y = (F.silu(x_rows @ w1) * (x_rows @ w3)) @ w2
-        y.backward(grad.repeat_interleave(K, dim=0))
-        return None
+        x_rows = x.repeat_interleave(K, dim=0, output_size=x.shape[0] * K)  # as many rows as slots
+        return (F.silu(x_rows @ w1) * (x_rows @ w3)) @ w2, None
     y, route = layer(x.unsqueeze(0))
-    y.backward(grad.unsqueeze(0))
+    return y.squeeze(0), route
+
+
+def step_fn(backend: str, layer, x, K: int, grad):
+    """One forward + backward; returns the forward's route (None for dense)."""
+    y, route = forward(backend, layer, x, K)
+    y.backward(grad.repeat_interleave(K, dim=0) if backend == "dense" else grad)
     return route
+
+
+def forward_costs(backend: str, layer, x, K: int, params) -> dict:
+    """What one forward costs besides time, on any device: the operations in it that make the
+    host wait on a GPU (benchmarks.host_syncs) and the bytes it keeps for backward."""
+    with HostSyncCounter() as syncs:
+        saved, _ = saved_tensor_bytes(lambda: forward(backend, layer, x, K), params)
+    return {"sync_ops": syncs.count, "saved_mib": saved / 2**20}
 
 
 def _sync(device):
@@ -140,15 +156,13 @@ def count_forward_syncs(backend: str, layer, x, K: int) -> int | None:
     """Host synchronisations in one forward (CUDA only), from torch's sync debug mode."""
     if x.device.type != "cuda":
         return None
-    if backend == "dense":
-        return 0  # three GEMMs: nothing to wait for
     _sync(x.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with torch.no_grad():
-                layer(x.unsqueeze(0))
+                forward(backend, layer, x, K)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message).lower() for w in caught)
@@ -194,6 +208,7 @@ def measure(backend, shape, routing, device, dtype, iters: int, warmup: int) -> 
         peak = torch.cuda.max_memory_allocated(device)
         out |= {"peak_memory_gib": peak / 2**30, "peak_above_start_gib": (peak - before) / 2**30}
     out["forward_host_syncs"] = count_forward_syncs(backend, layer, x, K)
+    out |= forward_costs(backend, layer, x, K, params)
     if route is not None:
         counts = route.counts_E.float()
         out["max_over_mean_load"] = float(counts.max() / counts.mean())
@@ -240,6 +255,7 @@ LAYER_COLUMNS = [("backend", "backend", "{}", 15), ("ms", "time_ms", "{:.2f}", 9
                  ("TFLOP/s", "tflops", "{:.3g}", 9), ("/dense", "vs_dense", "{:.3f}", 8),
                  ("/megabl.", "vs_megablocks", "{:.3f}", 9), ("peak GiB", "peak_memory_gib", "{:.2f}", 9),
                  ("+GiB", "peak_above_start_gib", "{:.2f}", 7), ("syncs", "forward_host_syncs", "{}", 6),
+                 ("sync ops", "sync_ops", "{}", 9), ("saved MiB", "saved_mib", "{:.1f}", 10),
                  ("max/mean", "max_over_mean_load", "{:.2f}", 9), ("dropped", "dropped_fraction", "{:.3f}", 8),
                  ("  skipped", "skipped", "  {}", 0)]
 

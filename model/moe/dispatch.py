@@ -24,6 +24,8 @@ from typing import Protocol
 
 import torch
 
+from model.moe.router import count_per_expert
+
 
 class ExpertComm(Protocol):
     """Collectives over the expert-parallel group, as the MoE layer needs them."""
@@ -55,18 +57,68 @@ class LocalComm:
         return x
 
 
+def inverse_permutation(perm_N: torch.Tensor) -> torch.Tensor:
+    """inv with inv[perm[n]] = n: one scatter, where a second argsort would sort again."""
+    arange_N = torch.arange(perm_N.numel(), device=perm_N.device)
+    return torch.empty_like(perm_N).scatter_(0, perm_N, arange_N)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """x[perm] for a permutation: forward and backward are both gathers.
+
+    Autograd's index_select backward is a memset plus index_add_, whose CUDA kernel adds with
+    atomics (order-dependent floats). Gathering the gradient with the inverse permutation
+    needs neither, and is exact.
+    """
+
+    @staticmethod
+    def forward(ctx, x, perm, inv_perm):
+        ctx.save_for_backward(inv_perm)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv_perm,) = ctx.saved_tensors
+        return grad.index_select(0, inv_perm), None, None
+
+
+class _ExpandToSortedSlots(torch.autograd.Function):
+    """x_TD -> its K slot rows in expert order: row n is token sort_idx[n] // K.
+
+    Backward gathers the gradient back to slot order with the inverse permutation and sums each
+    token's K rows (in fp32 inside the reduction, one rounding), instead of index_add_'s K
+    atomic additions per token into the activations' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, sort_idx_N, inv_sort_N, K: int):
+        ctx.save_for_backward(inv_sort_N)
+        ctx.K = K
+        return x_TD.index_select(0, sort_idx_N // K)
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        (inv_sort_N,) = ctx.saved_tensors
+        grad_slots_ND = grad_ND.index_select(0, inv_sort_N)
+        return grad_slots_ND.view(-1, ctx.K, grad_ND.shape[-1]).sum(dim=1), None, None, None
+
+
 @dataclass(frozen=True)
 class DispatchPlan:
     """What combine needs to undo dispatch. Made per call, never stored on the layer."""
 
     sort_idx_N: torch.Tensor
     """Slot order sorted by global expert; slot n is (token n // K, choice n % K)."""
+    inv_sort_idx_N: torch.Tensor
+    """Its inverse: where each slot went."""
     input_splits: list[int]
     """Rows this rank sends to each expert-parallel rank."""
     output_splits: list[int]
     """Rows this rank receives from each expert-parallel rank."""
     group_idx: torch.Tensor | None
     """Received row order -> expert-major order (None at ep=1, where they are equal)."""
+    inv_group_idx: torch.Tensor | None
+    """Its inverse."""
     tokens_per_expert: torch.Tensor
     """Rows per local expert after grouping, (El,) int64, on the device."""
 
@@ -74,16 +126,20 @@ class DispatchPlan:
 def dispatch(
     x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int, comm: ExpertComm
 ) -> tuple[torch.Tensor, DispatchPlan]:
-    """Returns the rows for this rank's local experts, expert-major, and the plan to undo it."""
+    """Returns the rows for this rank's local experts, expert-major, and the plan to undo it.
+
+    Host synchronisations: none at ep=1; at ep>1 exactly one, the split sizes.
+    """
     K = topk_idx_TK.shape[1]
     # 1. permute by global expert (stable, so slots of one expert keep token order).
     expert_N = topk_idx_TK.reshape(-1)
     sort_idx_N = torch.argsort(expert_N, stable=True)
-    x_sorted_ND = x_TD.index_select(0, sort_idx_N // K)
-    counts_E = torch.bincount(expert_N, minlength=num_experts)
+    inv_sort_N = inverse_permutation(sort_idx_N)
+    x_sorted_ND = _ExpandToSortedSlots.apply(x_TD, sort_idx_N, inv_sort_N, K)
+    counts_E = count_per_expert(expert_N, num_experts)
     if comm.size == 1:
         n = x_sorted_ND.shape[0]
-        return x_sorted_ND, DispatchPlan(sort_idx_N, [n], [n], None, counts_E)
+        return x_sorted_ND, DispatchPlan(sort_idx_N, inv_sort_N, [n], [n], None, None, counts_E)
 
     # 2. count exchange.
     send_counts_RE = counts_E.view(comm.size, -1)
@@ -102,10 +158,10 @@ def dispatch(
         local_expert_of_block, recv_counts_RE.flatten(), output_size=sum(output_splits)
     )
     group_idx = torch.argsort(local_expert_N, stable=True)
-    plan = DispatchPlan(
-        sort_idx_N, input_splits, output_splits, group_idx, recv_counts_RE.sum(0)
-    )
-    return x_recv_ND.index_select(0, group_idx), plan
+    inv_group_idx = inverse_permutation(group_idx)
+    plan = DispatchPlan(sort_idx_N, inv_sort_N, input_splits, output_splits, group_idx,
+                        inv_group_idx, recv_counts_RE.sum(0))
+    return _PermuteRows.apply(x_recv_ND, group_idx, inv_group_idx), plan
 
 
 def combine(
@@ -116,11 +172,15 @@ def combine(
     y_recv_ND = y_grouped_ND
     if plan.group_idx is not None:
         # 4^-1: expert-major back to the received (source-major) order.
-        y_recv_ND = torch.zeros_like(y_grouped_ND).index_copy(0, plan.group_idx, y_grouped_ND)
+        y_recv_ND = _PermuteRows.apply(y_grouped_ND, plan.inv_group_idx, plan.group_idx)
         # 3^-1: rows go back to the ranks they came from.
         y_recv_ND = comm.all_to_all(y_recv_ND, plan.input_splits, plan.output_splits)
-    # 1^-1: un-permute to slot order, weight, sum over the K choices.
-    y_slots_ND = torch.zeros_like(y_recv_ND).index_copy(0, plan.sort_idx_N, y_recv_ND)
-    y_TKD = y_slots_ND.view(T, K, -1)
-    # Weighted sum in fp32 (the router weights are fp32), result in the activations' dtype.
-    return (y_TKD.float() * topk_weight_TK.unsqueeze(-1)).sum(dim=1).to(y_grouped_ND.dtype)
+    # 1^-1: un-permute to slot order.
+    y_TKD = _PermuteRows.apply(y_recv_ND, plan.inv_sort_idx_N, plan.sort_idx_N).view(T, K, -1)
+    # Weight and sum the K choices as one batched (1, K) x (K, D) product per token: it reads
+    # the rows once and keeps only them (in the activations' dtype) for backward, where an
+    # fp32 multiply-and-sum made and kept an fp32 copy of all N rows. The router weights are
+    # rounded to the activations' dtype for it (bf16: as MegaBlocks and DeepSpeed do); the
+    # accumulation inside the product is fp32 either way.
+    w_T1K = topk_weight_TK.to(y_TKD.dtype).unsqueeze(1)
+    return torch.bmm(w_T1K, y_TKD).squeeze(1)

@@ -35,6 +35,36 @@ class RouterOutput:
     None for dropless backends."""
 
 
+def count_per_expert(expert_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slots per expert, (E,) int64. `torch.bincount` would do, but on CUDA it reads the largest
+    id on the host to size its output: a host synchronisation. A scatter-add of ones into a
+    tensor of known size does not (and integer sums do not depend on the order)."""
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=expert_N.device)
+    return counts_E.scatter_add_(0, expert_N, torch.ones_like(expert_N))
+
+
+class _LinearInFp32(torch.autograd.Function):
+    """F.linear computed in fp32 that keeps its input for backward in the input's own dtype.
+
+    Autograd on `F.linear(x.float(), w.float())` would keep the fp32 copy of x: twice the bytes
+    of a bf16 x, which the block keeps anyway. The fp32 copies here live only inside each call.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, weight_ED):
+        ctx.save_for_backward(x_TD, weight_ED)
+        return F.linear(x_TD.float(), weight_ED.float())
+
+    @staticmethod
+    def backward(ctx, grad_TE):
+        x_TD, weight_ED = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            dx = (grad_TE @ weight_ED.float()).to(x_TD.dtype) if need_x else None
+            dw = (grad_TE.mT @ x_TD.float()).to(weight_ED.dtype) if need_w else None
+        return dx, dw
+
+
 class TopKRouter(nn.Module):
     """Linear scores in fp32, softmax over all experts, then each token's top-k."""
 
@@ -48,13 +78,13 @@ class TopKRouter(nn.Module):
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         # Scores in fp32 even under bf16 autocast: top-k on rounded logits flips choices.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            logits_TE = _LinearInFp32.apply(x_TD, self.weight)
         probs_TE = logits_TE.softmax(dim=-1)
         topk_weight_TK, topk_idx_TK = probs_TE.topk(self.top_k, dim=-1)
         if self.renormalize:
             topk_weight_TK = topk_weight_TK / topk_weight_TK.sum(dim=-1, keepdim=True)
 
-        counts_E = torch.bincount(topk_idx_TK.flatten(), minlength=self.num_experts)
+        counts_E = count_per_expert(topk_idx_TK.flatten(), self.num_experts)
         slots = max(topk_idx_TK.numel(), 1)
         aux_loss = self.num_experts * torch.sum(counts_E.float() / slots * probs_TE.mean(dim=0))
         z_loss = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()

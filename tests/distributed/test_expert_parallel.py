@@ -2,6 +2,8 @@
 
 The reference always runs inside the same process on the unsharded model (LocalComm), so the
 comparison is exact up to fp32 summation order. Tolerances: rtol 1e-4, atol 1e-5 (fp32).
+The ep layer's forward also makes exactly one host synchronisation (the split sizes), counted
+by benchmarks.host_syncs.
 """
 
 import copy
@@ -10,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from benchmarks.host_syncs import HostSyncCounter
 from model.config import MoEConfig
 from model.moe import NativeMoE
 from parallel.collectives import ProcessGroupExpertComm
@@ -40,7 +43,9 @@ def _layer_equivalence(rank, world, ep, top_k, hot_expert):
     g = torch.randn(3, 5, D)
     x_ref, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_ref, _ = ref(x_ref)
-    y_ep, route = layer(x_ep)
+    with HostSyncCounter() as syncs:
+        y_ep, route = layer(x_ep)
+    assert dict(syncs.ops) == ({"tolist": 1} if ep > 1 else {}), dict(syncs.ops)
     torch.testing.assert_close(y_ep, y_ref, **TOL)
     y_ref.backward(g)
     y_ep.backward(g)

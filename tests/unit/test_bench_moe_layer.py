@@ -50,6 +50,10 @@ def test_smoke_run_reports_every_backend(tmp_path):
             if name != "dense":
                 assert r["vs_dense"] == r["tflops"] / rows["dense"]["tflops"]
         assert rows["native"]["dropped_fraction"] == 0.0
+        # The forward costs are counted on CPU too: the native layer waits on nothing, the loop
+        # reference once (its row counts); the native layer keeps less than the loop for backward.
+        assert (rows["native"]["sync_ops"], rows["native-loop"]["sync_ops"]) == (0, 1)
+        assert 0 < rows["native"]["saved_mib"] < rows["native-loop"]["saved_mib"]
         if res["routing"] == "zipf":  # capacity factor 1 cannot hold a skewed load
             assert rows["deepspeed-cf1"]["dropped_fraction"] > 0.05
     assert "native" in proc.stdout and "wrote" in proc.stdout
