@@ -153,6 +153,8 @@ def run(argv: list[str]) -> dict:
         if env.rank == 0 and job.checkpoint.init_from:
             print(f"weights from {ckpt.path} (step {ckpt.step}); optimizer and step start fresh")
         trainer = Trainer(job, model, topology, device, data, env.local_rank)
+        if env.rank == 0:
+            print(f"device: {device}, compute {trainer.precision_label()}")
         if resume is not None:
             trainer.resume(resume)
         summary = trainer.fit()

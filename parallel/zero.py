@@ -116,7 +116,8 @@ class ZeroStepper:
 
     def __init__(self, model: nn.Module, topology: Topology, groups: list[dict],
                  make_optimizer: Callable[[list[dict]], torch.optim.Optimizer], *, stage: int,
-                 micro_batch_size: int, grad_accum: int, grad_clip: float, local_rank: int):
+                 micro_batch_size: int, grad_accum: int, grad_clip: float, local_rank: int,
+                 bf16: bool = False):
         device = next(model.parameters()).device
         os.environ.setdefault("LOCAL_RANK", str(local_rank))  # the engine asserts it is set
         deepspeed = import_deepspeed(device.type == "cuda")
@@ -135,8 +136,8 @@ class ZeroStepper:
             "gradient_clipping": grad_clip,
             "zero_optimization": {"stage": stage, "reduce_scatter": True,
                                   "contiguous_gradients": True, "overlap_comm": False},
-            # bf16 compute with fp32 master weights on GPU; plain fp32 on CPU.
-            "bf16": {"enabled": device.type == "cuda"},
+            # bf16 weights and compute with fp32 master weights (train.precision).
+            "bf16": {"enabled": bf16},
             "steps_per_print": 1 << 30,
         }
         self.engine, self.optimizer, _, _ = deepspeed.initialize(

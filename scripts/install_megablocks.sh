@@ -15,6 +15,8 @@
 #   TORCH_CUDA_ARCH_LIST  GPU architectures to compile for (default: 9.0, H100/H200)
 #   MAX_JOBS              parallel compile jobs (torch's cpp_extension default otherwise)
 #   BUILD_DIR             where sources are unpacked (default: a temporary dir, removed after)
+#   WHEEL_DIR             if set, also keep the built wheels there, so a later machine with the
+#                         same torch and CUDA can `pip install --no-deps` them without building
 #
 # Why not `pip install megablocks`: 0.10.0 pins torch==2.7.0, so pip would replace the torch
 # that is there; every package goes in with --no-deps --no-build-isolation instead. And its
@@ -143,8 +145,18 @@ say "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 for entry in "${SOURCES[@]}"; do
     IFS='|' read -r name dir <<<"$entry"
     say "building and installing $name (--no-deps --no-build-isolation)"
-    "$PYTHON" -m pip install --no-index --no-deps --no-build-isolation "$dir" \
-        || die "pip install of $name from $dir failed"
+    if [[ -n "${WHEEL_DIR:-}" ]]; then
+        mkdir -p "$WHEEL_DIR"
+        "$PYTHON" -m pip wheel --no-index --no-deps --no-build-isolation -w "$WHEEL_DIR" "$dir" \
+            || die "pip wheel of $name from $dir failed"
+        wheel=("$WHEEL_DIR"/"${name//-/_}"-*.whl)
+        [[ -f "${wheel[0]}" ]] || die "pip wheel of $name left no ${name//-/_}-*.whl in $WHEEL_DIR"
+        "$PYTHON" -m pip install --no-index --no-deps "${wheel[0]}" \
+            || die "pip install of ${wheel[0]} failed"
+    else
+        "$PYTHON" -m pip install --no-index --no-deps --no-build-isolation "$dir" \
+            || die "pip install of $name from $dir failed"
+    fi
 done
 
 # Verify from outside the source tree, so the installed packages are the ones imported.

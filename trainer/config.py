@@ -8,6 +8,7 @@ from pathlib import Path
 from model.errors import ConfigError, check_choice, check_positive
 
 DATA_SOURCES = ("stdlib", "text", "tokens")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -44,6 +45,12 @@ class TrainConfig:
     """Micro-batches per rank in one evaluation."""
     deterministic: bool = False
     """Ask torch for deterministic algorithms (bitwise-repeatable runs, slower on GPU)."""
+    precision: str = "auto"
+    """Compute dtype: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16. bf16 at zero_stage 0 is
+    autocast: fp32 weights, gradients and Adam state, the matmuls, attention and expert GEMMs
+    in bf16 (router scores and norms stay fp32). At zero_stage 1 and 2 it is DeepSpeed's bf16
+    mode: bf16 weights and gradients, fp32 master weights and Adam state in ZeRO's optimizer.
+    Checkpoints hold fp32 weights either way."""
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "eval_batches"):
@@ -60,6 +67,7 @@ class TrainConfig:
                 f"train.weight_decay ({self.weight_decay}) and train.grad_clip "
                 f"({self.grad_clip}) must be >= 0"
             )
+        check_choice("train.precision", self.precision, PRECISIONS)
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} ({getattr(self, name)}) must be in [0, 1)")

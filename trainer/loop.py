@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from trainer.metrics import (
     peak_flops,
     peak_memory,
 )
-from trainer.optim import build_stepper, lr_at
+from trainer.optim import build_stepper, compute_dtype, lr_at
 from trainer.signals import Preempted, StopSignals
 
 # Fault injection for the tests: "RANK@STEP" makes that rank exit abruptly (code 13) after
@@ -43,20 +43,24 @@ CRASH_AT_ENV = "MOE_TEST_CRASH_RANK_AT_STEP"
 
 @dataclass
 class _Window:
-    """Sums of this rank's step statistics since the last log (reduced over dp at log time)."""
+    """Sums of this rank's step statistics since the last log (reduced over dp at log time).
+
+    They stay where the model computed them: copying them to the host every micro-batch would
+    make the host wait for the GPU to finish each forward before it can queue the backward.
+    """
 
     steps: int = 0
-    losses: torch.Tensor = field(default_factory=lambda: torch.zeros(3))  # lm, aux, z
+    losses: torch.Tensor | int = 0  # (3,): lm, aux, z
     entropy_L: torch.Tensor | int = 0
     counts_LE: torch.Tensor | int = 0
     dropped_L: torch.Tensor | int = 0
 
     def add(self, out, accum: int) -> None:
-        losses = torch.stack([out.lm_loss, out.aux_loss, out.z_loss]).detach().cpu()
-        self.losses += losses / accum
-        self.entropy_L = self.entropy_L + out.router_entropy_L.detach().cpu() / accum
-        self.counts_LE = self.counts_LE + out.expert_counts_LE.detach().cpu()
-        self.dropped_L = self.dropped_L + out.dropped_slots_L.detach().cpu()
+        losses = torch.stack([out.lm_loss, out.aux_loss, out.z_loss]).detach()
+        self.losses = self.losses + losses / accum
+        self.entropy_L = self.entropy_L + out.router_entropy_L.detach() / accum
+        self.counts_LE = self.counts_LE + out.expert_counts_LE.detach()
+        self.dropped_L = self.dropped_L + out.dropped_slots_L.detach()
 
 
 class Trainer:
@@ -64,7 +68,11 @@ class Trainer:
                  local_rank: int = 0):
         self.job, self.cfg, self.model, self.topology = job, job.train, model, topology
         self.device, self.run_dir = device, Path(job.logging.run_dir)
-        self.stepper = build_stepper(model, topology, self.cfg, job.parallel.zero_stage, local_rank)
+        self.dtype = compute_dtype(self.cfg.precision, device)
+        self.stepper = build_stepper(model, topology, self.cfg, job.parallel.zero_stage, local_rank,
+                                     self.dtype)
+        # zero_stage 0 computes in bf16 through autocast (fp32 weights); ZeRO casts the model.
+        self.autocast_bf16 = job.parallel.zero_stage == 0 and self.dtype == torch.bfloat16
         self.sampler, self.val = data.sampler, data.val_batches
         self.is_main = topology.rank == 0
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main and job.logging.tensorboard)
@@ -82,13 +90,23 @@ class Trainer:
         self.history: list[dict] = []  # eval losses
         self.train_history: list[dict] = []  # train loss at every log step
 
+    def autocast(self):
+        """The forward's autocast region: bf16 at zero_stage 0 when computing in bf16, else off."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
+
+    def precision_label(self) -> str:
+        if self.dtype == torch.float32:
+            return "fp32"
+        return "bf16 (autocast, fp32 weights)" if self.autocast_bf16 else "bf16 (DeepSpeed, fp32 master)"
+
     def train_step(self, window: _Window) -> torch.Tensor:
         """One optimizer step; returns the global gradient norm before clipping."""
         self.model.train()
         self.stepper.begin(lr_at(self.step, self.cfg))
         for micro in range(self.cfg.grad_accum):
             x, y = self.sampler.batch_at(self.samples_seen + micro * self.samples_per_micro)
-            out = self.stepper.forward(x.to(self.device), y.to(self.device))
+            with self.autocast():
+                out = self.stepper.forward(x.to(self.device), y.to(self.device))
             self.stepper.backward(out.loss)
             window.add(out, self.cfg.grad_accum)
         norm = self.stepper.finish()
@@ -102,7 +120,8 @@ class Trainer:
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for x, y in self.val:
-            total += self.model(x.to(self.device), y.to(self.device)).lm_loss
+            with self.autocast():
+                total += self.model(x.to(self.device), y.to(self.device)).lm_loss
         total /= len(self.val)
         all_reduce(total, self.topology.groups["dp"])
         return total.item() / self.topology.size("dp")
@@ -146,7 +165,8 @@ class Trainer:
         peak = torch.tensor([memory], dtype=torch.int64, device=self.device)
         all_reduce(peak, None, dist.ReduceOp.MAX)
         return {"world_size": self.topology.layout.world_size, "layout": vars(self.topology.layout),
-                "device": str(self.device), "tokens_per_step": self.tokens_per_step,
+                "device": str(self.device), "precision": self.precision_label(),
+                "tokens_per_step": self.tokens_per_step,
                 "steady_steps": steps, "step_time_s": seconds / steps if steps else None,
                 "train_tokens_per_s": tokens_per_s, "total_params": self.cost.total_params,
                 "activated_params": self.cost.activated_params,

@@ -35,6 +35,14 @@ def build_optimizer(groups: list[dict] | list[nn.Parameter], cfg: TrainConfig) -
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
 
 
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """train.precision on this device: auto is bf16 on CUDA (its tensor cores' format) and fp32
+    elsewhere (a CPU gains little from bf16 and loses accuracy)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup from lr/warmup to lr
     over warmup_steps, then cosine decay to lr * min_lr_ratio at the last step."""
@@ -119,7 +127,9 @@ class PlainStepper:
 
 
 def build_stepper(model: nn.Module, topology: Topology, cfg: TrainConfig, zero_stage: int,
-                  local_rank: int) -> Stepper:
+                  local_rank: int, dtype: torch.dtype = torch.float32) -> Stepper:
+    """`dtype` is the compute dtype (compute_dtype): zero_stage 0 leaves it to the caller's
+    autocast, ZeRO makes the model bf16 itself when it is bf16."""
     if zero_stage == 0:
         return PlainStepper(model, topology, cfg)
     from parallel.zero import ZeroStepper  # imports DeepSpeed only when it is used
@@ -128,5 +138,5 @@ def build_stepper(model: nn.Module, topology: Topology, cfg: TrainConfig, zero_s
         model, topology, param_groups(list(model.parameters()), cfg),
         make_optimizer=lambda groups: build_optimizer(groups, cfg), stage=zero_stage,
         micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
-        grad_clip=cfg.grad_clip, local_rank=local_rank,
+        grad_clip=cfg.grad_clip, local_rank=local_rank, bf16=dtype == torch.bfloat16,
     )

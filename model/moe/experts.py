@@ -96,7 +96,14 @@ class SwiGLUExperts(nn.Module):
             return self._forward_loop(x_ND, tokens_per_expert_E)
         # offs[e] = end row of expert e; stays on device, so no host synchronisation here.
         offs_E = torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32)
-        return _GroupedSwiGLU.apply(x_ND, self.w1_EDF, self.w3_EDF, self.w2_EFD, offs_E)
+        weights = (self.w1_EDF, self.w3_EDF, self.w2_EFD)
+        device = x_ND.device.type
+        if torch.is_autocast_enabled(device):
+            # Autocast leaves grouped_mm alone (it is not on its lists): cast as it casts a
+            # matmul, so the GEMMs run in the autocast dtype and the fp32 weights get fp32 grads.
+            dtype = torch.get_autocast_dtype(device)
+            x_ND, weights = x_ND.to(dtype), [w.to(dtype) for w in weights]
+        return _GroupedSwiGLU.apply(x_ND, *weights, offs_E)
 
     def _forward_loop(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """The readable reference: one dense SwiGLU per expert on its slice of rows."""

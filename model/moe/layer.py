@@ -63,7 +63,13 @@ class NativeMoE(MoELayer):
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        route = self.router(x_TD)
+        route = self.router(x_TD)  # in fp32 whatever the dtype
+        device = x_TD.device.type
+        if torch.is_autocast_enabled(device):
+            # Under autocast the experts compute in its dtype: cast the T rows once here, not
+            # the T x K copies after dispatch, so the gather and the all-to-alls move half the
+            # bytes of fp32.
+            x_TD = x_TD.to(torch.get_autocast_dtype(device))
         # This tp rank's token slice (all of them at tp = 1); T is divisible by tp.
         x_td, weight_tK = self.tp.split(x_TD), self.tp.split(route.topk_weight_TK)
         n = x_td.shape[0]

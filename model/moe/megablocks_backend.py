@@ -32,9 +32,10 @@ What differs from MegaBlocks' own dMoE, on purpose:
   side channels for the aux losses (`_LOAD_BALANCING_LOSS`, `_ROUTER_LOGITS`) are not used.
 - Its expert MLPs scale expert gradients by 1/ep; ours are not scaled: parallel/ reduces
   expert gradients over the expert-data-parallel group exactly as for the native backend.
-- grouped_gemm computes in bf16 only. A bf16 model (the ZeRO path on GPU) runs as it is; an
-  fp32 model has its rows and local expert weights cast to bf16 for the GEMMs (one copy of
-  the weights per forward) and the result cast back; autograd casts the gradients to fp32.
+- grouped_gemm computes in bf16 only. A bf16 model (ZeRO with bf16) runs as it is. With fp32
+  weights (train.precision fp32, or autocast's fp32 weights) the rows and local expert weights
+  are cast to bf16 for the GEMMs (one copy of the weights per forward) and the result is cast
+  back; autograd casts the gradients to fp32.
 
 Host synchronisations: grouped_gemm takes the per-expert row counts on the host, one copy per
 layer and forward at ep 1; at ep > 1 MegaBlocks copies the exchanged counts to the host once

@@ -4,6 +4,7 @@ import dataclasses
 import typing
 
 import pytest
+import torch
 
 from launcher.config import JobConfig, describe_schema, field_docs, load_config
 from model.errors import ConfigError
@@ -89,6 +90,7 @@ def test_yaml_unknown_key_and_wrong_type(tmp_path):
      r"train.micro_batch_size x train.seq_len \(3\), must be divisible by parallel.tp \(2\)"),
     (["--parallel.zero_stage=3"], 4, r"parallel.zero_stage \(3\) is not available: DeepSpeed's ZeRO-3 refuses MoE"),
     (["--parallel.zero_stage=5"], 4, r"parallel.zero_stage \(5\) must be 0, 1 or 2"),
+    (["--train.precision=fp16"], 4, r"train.precision \('fp16'\) must be one of: auto, fp32, bf16$"),
 ])
 def test_validation_messages_name_the_values(overrides, world, message):
     job = load_config(["--config", TINY, *overrides])
@@ -124,3 +126,12 @@ def test_grouped_mm_alignment_binds_the_native_backend_only():
     job = load_config(["--config", "configs/cpu_tiny.yaml", "--moe.backend=deepspeed",
                        "--moe.expert_hidden=100"])
     assert job.validate(world_size=4).ep == 4
+
+
+def test_precision_auto_is_bf16_on_cuda_only():
+    from trainer.optim import compute_dtype
+
+    assert compute_dtype("auto", torch.device("cpu")) == torch.float32
+    assert compute_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert compute_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert compute_dtype("fp32", torch.device("cuda", 0)) == torch.float32
