@@ -18,6 +18,15 @@ from model.moe.router import RouterOutput, TopKRouter
 from model.tp import LocalTP, TensorParallelComm
 
 
+def to_autocast_dtype(x_TD: torch.Tensor) -> torch.Tensor:
+    """The tokens in autocast's dtype when autocast is on (else as they are). Routing reads the
+    tokens first, in fp32; the experts then compute in autocast's dtype, so casting the T rows
+    once here, not their T x K copies after dispatch, halves what the gather and the
+    all-to-alls move."""
+    device = x_TD.device.type
+    return x_TD.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x_TD
+
+
 class MoELayer(nn.Module, ABC):
     """What every MoE backend is: the canonical weights and two hooks.
 
@@ -64,12 +73,7 @@ class NativeMoE(MoELayer):
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         route = self.router(x_TD)  # in fp32 whatever the dtype
-        device = x_TD.device.type
-        if torch.is_autocast_enabled(device):
-            # Under autocast the experts compute in its dtype: cast the T rows once here, not
-            # the T x K copies after dispatch, so the gather and the all-to-alls move half the
-            # bytes of fp32.
-            x_TD = x_TD.to(torch.get_autocast_dtype(device))
+        x_TD = to_autocast_dtype(x_TD)
         # This tp rank's token slice (all of them at tp = 1); T is divisible by tp.
         x_td, weight_tK = self.tp.split(x_TD), self.tp.split(route.topk_weight_TK)
         n = x_td.shape[0]

@@ -57,7 +57,7 @@ from torch import nn
 
 from model.config import MoEConfig
 from model.moe.dispatch import ExpertComm
-from model.moe.layer import MoELayer
+from model.moe.layer import MoELayer, to_autocast_dtype
 from model.moe.router import RouterOutput
 
 INSTALL_SCRIPT = "scripts/install_megablocks.sh"
@@ -183,5 +183,5 @@ class MegaBlocksMoE(MoELayer):
         run = (self._pipeline.parallel_forward_once if self._ep_size > 1
                else self._pipeline.grouped_forward_once)
         # Combine weights stay fp32: MegaBlocks' scatter multiplies in fp32 whatever their dtype.
-        y_TD, _ = run(x_TD, route.topk_weight_TK, route.topk_idx_TK)
+        y_TD, _ = run(to_autocast_dtype(x_TD), route.topk_weight_TK, route.topk_idx_TK)
         return y_TD.view_as(x_BSD), route

@@ -107,3 +107,35 @@ def test_shard_keeps_a_contiguous_slice_and_rejects_bad_sizes():
     torch.testing.assert_close(ex.w1_EDF.detach(), full[4:6])
     with pytest.raises(ValueError, match=r"num_experts \(6\) must be divisible by the expert-parallel size \(4\)"):
         SwiGLUExperts(6, D, F).shard_(0, 4)
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+def test_autocast_bf16_is_close_to_fp32_with_fp32_gradients(impl):
+    """Under CPU autocast the experts get bf16 rows (cast once, before dispatch) and compute in
+    bf16; the fp32 weights get fp32 gradients. Tolerance: 3e-2 of the largest value (bf16)."""
+    ref = _layer(num_experts=4, top_k=2, impl=impl)
+    with torch.no_grad():  # shrink the weights so bf16 rounding, not routing, dominates
+        for p in ref.experts.parameters():
+            p.mul_(0.3)
+    layer = copy.deepcopy(ref)
+    seen = []
+    layer.experts.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    x = torch.randn(4, 32, D)
+    x_ref, x_bf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, _ = ref(x_ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_bf, _ = layer(x_bf)
+    assert seen == [torch.bfloat16] and y_bf.dtype == torch.bfloat16
+    g = torch.randn_like(y_ref)
+    y_ref.backward(g)
+    y_bf.backward(g)
+
+    def close(a, b, what):
+        err, scale = (a.float() - b).abs().max().item(), b.abs().max().item()
+        assert err <= 3e-2 * scale, f"{what}: {err:.3e} > 3e-2 x {scale:.3e}"
+
+    close(y_bf, y_ref, "output")
+    close(x_bf.grad, x_ref.grad, "input grad")
+    for (name, p), q in zip(layer.named_parameters(), ref.parameters()):
+        assert p.grad.dtype == torch.float32, name
+        close(p.grad, q.grad, name)
