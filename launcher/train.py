@@ -125,6 +125,8 @@ def build_model(job: JobConfig, topology: Topology, device: torch.device,
         load_weights(init_from, model)
     apply_tensor_parallel(model, topology)
     apply_expert_parallel(model, topology)
+    if job.train.compile:
+        model.compile_dense()
     return model.to(device)
 
 
@@ -154,7 +156,8 @@ def run(argv: list[str]) -> dict:
             print(f"weights from {ckpt.path} (step {ckpt.step}); optimizer and step start fresh")
         trainer = Trainer(job, model, topology, device, data, env.local_rank)
         if env.rank == 0:
-            print(f"device: {device}, compute {trainer.precision_label()}")
+            compiled = ", torch.compile on the dense parts" if job.train.compile else ""
+            print(f"device: {device}, compute {trainer.precision_label()}{compiled}")
         if resume is not None:
             trainer.resume(resume)
         summary = trainer.fit()

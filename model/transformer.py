@@ -87,6 +87,23 @@ class TransformerLM(nn.Module):
             else:
                 p.normal_(0.0, std)
 
+    def compile_dense(self) -> None:
+        """torch.compile the attention, the norms and the dense FFNs in place (train.compile).
+
+        Per module, not the whole model: the MoE layers' dispatch has data-dependent sizes,
+        custom autograd functions and collectives, which would split the graph anyway, while
+        the blocks' dense modules are the same code with the same shapes, so every block shares
+        one compiled graph per module type (checked: no recompilation across blocks).
+        `nn.Module.compile` keeps parameter names, so checkpoints do not change.
+        """
+        for block in self.layers:
+            block.attention_norm.compile()
+            block.attention.compile()
+            block.ffn_norm.compile()
+            if not isinstance(block.ffn, MoELayer):
+                block.ffn.compile()
+        self.norm.compile()
+
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoELayer)]
 

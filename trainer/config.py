@@ -45,6 +45,11 @@ class TrainConfig:
     """Micro-batches per rank in one evaluation."""
     deterministic: bool = False
     """Ask torch for deterministic algorithms (bitwise-repeatable runs, slower on GPU)."""
+    compile: bool = False
+    """torch.compile the dense parts of the model (attention, norms, dense FFNs), in place: all
+    blocks share one compiled graph per part, and the state dict keeps its names. The MoE
+    layers stay eager (data-dependent dispatch, their own autograd functions, collectives).
+    The first step pays the compilation (seconds on a GPU, ~15 s on a small CPU)."""
     precision: str = "auto"
     """Compute dtype: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16. bf16 at zero_stage 0 is
     autocast: fp32 weights, gradients and Adam state, the matmuls, attention and expert GEMMs
