@@ -31,8 +31,14 @@ def param_groups(params: list[nn.Parameter], cfg: TrainConfig) -> list[dict]:
 def build_optimizer(groups: list[dict] | list[nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
     if groups and isinstance(groups[0], nn.Parameter):
         groups = param_groups(groups, cfg)
-    # foreach=False keeps the update arithmetic per tensor, identical across layouts.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    params = [p for g in groups for p in g["params"]]
+    # On CUDA, the fused kernel: a few launches per parameter group instead of about eight per
+    # tensor (hundreds of tensors: milliseconds per step, next to steps of tens of ms).
+    # Elsewhere, one tensor at a time (foreach=False). Either way each element gets the same
+    # arithmetic however the tensors are grouped, so every layout updates identically.
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             foreach=None if fused else False, fused=fused or None)
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -117,10 +123,14 @@ class PlainStepper:
         step = ckpt.meta.get("adam_step")
         staged = [(s.param, fetch_moments(ckpt, s)) for s in params] if step is not None else []
 
+        # The fused (CUDA) AdamW keeps its step counts on the device, the per-tensor one on the host.
+        on_device = bool(self.optimizer.defaults.get("fused"))
+
         def install() -> None:
             self.optimizer.state.clear()
             for p, moments in staged:
-                self.optimizer.state[p] = {"step": torch.tensor(float(step))} | {
+                count = torch.tensor(float(step), device=p.device if on_device else "cpu")
+                self.optimizer.state[p] = {"step": count} | {
                     k: v.to(p.device, p.dtype) for k, v in moments.items()}
 
         return [install]

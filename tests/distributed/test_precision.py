@@ -1,6 +1,6 @@
 """train.precision: bf16 training equals fp32 training within bf16 tolerance, on CPU and GPU.
 
-A world of one (gloo on CPU, NCCL on CUDA), the default-shaped model, the same fixed batch and
+A world of one (gloo on CPU, NCCL on CUDA), a small model (dim 64, 2 blocks), the same fixed batch and
 seed, five optimizer steps each:
   - fp32 at zero_stage 0: the reference;
   - bf16 at zero_stage 0: autocast; the weights (and so their gradients and Adam state) stay fp32;
@@ -27,8 +27,9 @@ def _train(device: str, stage: int, precision: str, steps: int = 5):
     from trainer.optim import build_stepper, compute_dtype, lr_at
 
     job = load_config(["--config", "configs/cpu_tiny.yaml", "--parallel.dp=null", "--parallel.ep=1",
-                       "--train.warmup_steps=1", f"--parallel.zero_stage={stage}",
-                       f"--train.precision={precision}"])
+                       "--model.dim=64", "--model.n_layers=2", "--model.ffn_hidden=128",
+                       "--moe.expert_hidden=64", "--train.warmup_steps=1",
+                       f"--parallel.zero_stage={stage}", f"--train.precision={precision}"])
     layout = job.validate(1)
     init_distributed(DistEnv(0, 0, 1, 1, "127.0.0.1", 29500, "single"),
                      "nccl" if device == "cuda" else "gloo", 120)
@@ -59,8 +60,11 @@ def _train(device: str, stage: int, precision: str, steps: int = 5):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("device", DEVICES)
-def test_bf16_tracks_fp32_with_autocast_and_with_zero(device):
-    torch.manual_seed(1)
+def test_bf16_tracks_fp32_with_autocast_and_with_zero(device, monkeypatch):
+    # DeepSpeed's engine needs LOCAL_RANK, which ZeroStepper sets in os.environ when absent:
+    # set it here so it is removed after the test and cannot leak into later tests' jobs
+    # (sbatch passes this process's environment on to the Slurm tests' jobs).
+    monkeypatch.setenv("LOCAL_RANK", "0")
     ref, ref_dtypes, _, _ = _train(device, 0, "fp32")
     auto, auto_dtypes, auto_grads, _ = _train(device, 0, "bf16")
     zero, zero_dtypes, _, master = _train(device, 1, "bf16")

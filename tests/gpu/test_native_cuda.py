@@ -44,3 +44,24 @@ def test_grouped_mm_bf16_matches_fp32_loop(num_experts, top_k):
     _close(x_fast.grad, x_ref.grad)
     for (name, p_fast), p_ref in zip(fast.named_parameters(), ref.parameters()):
         _close(p_fast.grad, p_ref.grad, rel=3e-2, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("num_experts, top_k", [(8, 2), (64, 8)])
+def test_forward_and_backward_make_no_host_sync_at_ep1(num_experts, top_k):
+    """The real count behind benchmarks.host_syncs' CPU proxy: with CUDA's sync debug mode set
+    to "error", any host synchronisation in the layer's forward or backward raises."""
+    torch.manual_seed(0)
+    layer = NativeMoE(256, MoEConfig(num_experts=num_experts, top_k=top_k, expert_hidden=128))
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    layer = layer.cuda().to(torch.bfloat16)
+    x = torch.randn(4, 512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn_like(x)
+    layer(x)[0].backward(g)  # warm-up: first-call allocations and kernel loads
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, _ = layer(x)
+        y.backward(g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
