@@ -3,6 +3,7 @@
     python benchmarks/moe_layer.py                  # GPU: both shapes x both routings, bf16
     python benchmarks/moe_layer.py --shape fine-grained --routing zipf --backend native megablocks
     python benchmarks/moe_layer.py --smoke          # CPU: tiny shapes, fp32 (checks the harness)
+    python benchmarks/moe_layer.py --profile native # also: where native's step time goes, by op
 
 Shapes (issue 6): mixtral-like (hidden 4096, expert ffn 14336, 8 experts, top-2, 8192 tokens)
 and fine-grained (2048, 1024, 64 experts, top-8, 16384 tokens). Routings: `uniform` (random
@@ -168,7 +169,28 @@ def count_forward_syncs(backend: str, layer, x, K: int) -> int | None:
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
-def measure(backend, shape, routing, device, dtype, iters: int, warmup: int) -> dict:
+def profile_ops(backend: str, layer, x, K: int, grad, steps: int = 2, top: int = 12) -> list[dict]:
+    """Where one step's time goes: the `top` operations by their own time on the device (CPU
+    time on a CPU), per step, with their share of the total. For tuning, not for comparing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = x.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step_fn(backend, layer, x, K, grad)
+        _sync(x.device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return [{"op": e.key, "ms_per_step": getattr(e, key) / 1e3 / steps,
+             "share": getattr(e, key) / total, "calls_per_step": e.count / steps}
+            for e in events[:top]]
+
+
+def measure(backend, shape, routing, device, dtype, iters: int, warmup: int,
+            profile: bool = False) -> dict:
     D, F_, E, K, T = shape
     out = {"backend": backend, "flops": flops(D, F_, K, T)}
     why = unavailable(backend, device)
@@ -209,6 +231,8 @@ def measure(backend, shape, routing, device, dtype, iters: int, warmup: int) -> 
         out |= {"peak_memory_gib": peak / 2**30, "peak_above_start_gib": (peak - before) / 2**30}
     out["forward_host_syncs"] = count_forward_syncs(backend, layer, x, K)
     out |= forward_costs(backend, layer, x, K, params)
+    if profile:
+        out["profile"] = profile_ops(backend, layer, x, K, grad)
     if route is not None:
         counts = route.counts_E.float()
         out["max_over_mean_load"] = float(counts.max() / counts.mean())
@@ -227,7 +251,8 @@ def _init_single_process(device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
-def run(shapes: dict, routings, backends, device, dtype, iters, warmup, progress=print) -> dict:
+def run(shapes: dict, routings, backends, device, dtype, iters, warmup, progress=print,
+        profile=()) -> dict:
     _init_single_process(device)
     results = []
     for name, shape in shapes.items():
@@ -235,7 +260,8 @@ def run(shapes: dict, routings, backends, device, dtype, iters, warmup, progress
             rows = []
             for backend in backends:
                 progress(f"{name} {routing} {backend} ...")
-                rows.append(measure(backend, shape, routing, device, dtype, iters, warmup))
+                rows.append(measure(backend, shape, routing, device, dtype, iters, warmup,
+                                    profile=backend in profile))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             by = {r["backend"]: r for r in rows}
@@ -260,6 +286,10 @@ LAYER_COLUMNS = [("backend", "backend", "{}", 15), ("ms", "time_ms", "{:.2f}", 9
                  ("  skipped", "skipped", "  {}", 0)]
 
 
+PROFILE_COLUMNS = [("  operation", "op", "  {}", 40), ("ms/step", "ms_per_step", "{:.3f}", 9),
+                   ("share", "share", "{:.3f}", 7), ("calls/step", "calls_per_step", "{:.0f}", 11)]
+
+
 def table(report: dict) -> str:
     lines = [f"{report['device']}, torch {report['torch']}, CUDA {report['cuda']}, {report['dtype']}, "
              f"median of {report['iters']} steps (fwd+bwd)"]
@@ -267,6 +297,10 @@ def table(report: dict) -> str:
         lines.append(f"\n{res['shape']} (D {res['hidden']}, F {res['expert_ffn']}, E {res['experts']}, "
                      f"top-{res['top_k']}, T {res['tokens']}), {res['routing']} routing")
         lines.append(text_table(res["rows"], LAYER_COLUMNS))
+        for row in res["rows"]:
+            if row.get("profile"):
+                lines.append(f"  where {row['backend']}'s step goes (top operations by own time):")
+                lines.append(text_table(row["profile"], PROFILE_COLUMNS))
     return "\n".join(lines)
 
 
@@ -279,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default 20; smoke 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 5; smoke 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "moe_layer.json")
+    parser.add_argument("--profile", nargs="+", default=[], choices=BACKENDS, metavar="BACKEND",
+                        help="also list where these backends' step time goes (torch.profiler)")
     args = parser.parse_args(argv)
     if args.smoke:
         device, dtype, shapes = torch.device("cpu"), torch.float32, SMOKE_SHAPES
@@ -294,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     iters = args.iters or (2 if args.smoke else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
     report = run(shapes, args.routing, args.backend, device, dtype, iters, warmup,
-                 progress=lambda m: print(m, file=sys.stderr, flush=True))
+                 progress=lambda m: print(m, file=sys.stderr, flush=True), profile=args.profile)
     print(table(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))

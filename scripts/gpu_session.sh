@@ -3,7 +3,8 @@
 # machine with PyTorch, Triton, pytest and tensorboard already there but no network:
 #
 #   scripts/gpu_session.sh test        # tests/gpu, then the CPU efficiency tests on the GPU's torch
-#   scripts/gpu_session.sh layer       # benchmarks/moe_layer.py: both shapes x routings, every backend
+#   scripts/gpu_session.sh layer       # benchmarks/moe_layer.py: both shapes x routings, every backend,
+#                                      # and where native's step time goes (--profile native)
 #   scripts/gpu_session.sh e2e [STEPS] # benchmarks/e2e.py on configs/gpu_moe_1b.yaml (default 100 steps)
 #
 # Before the first call, on the machine with network: copy ../shared/gpu/wheels/* into
@@ -52,14 +53,15 @@ case "$STEP" in
         ;;
     layer)
         setup
-        python3 benchmarks/moe_layer.py --out "$OUT/moe_layer.json" 2>&1 | tee "$OUT/moe_layer.txt"
+        python3 benchmarks/moe_layer.py --profile native --out "$OUT/moe_layer.json" 2>&1 \
+            | tee "$OUT/moe_layer.txt"
         ;;
     e2e)
         setup
         python3 benchmarks/e2e.py --steps "${2:-100}" --out "$OUT/e2e" 2>&1 | tee "$OUT/e2e.txt"
         ;;
     *)
-        sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
+        sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
         exit 2
         ;;
 esac

@@ -31,7 +31,8 @@ def test_zipf_routing_is_skewed_and_uniform_is_not():
 def test_smoke_run_reports_every_backend(tmp_path):
     out = tmp_path / "layer.json"
     proc = subprocess.run([sys.executable, "benchmarks/moe_layer.py", "--smoke", "--shape",
-                           "tiny-fine", "--iters", "1", "--warmup", "0", "--out", str(out)],
+                           "tiny-fine", "--iters", "1", "--warmup", "0", "--out", str(out),
+                           "--profile", "native"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -54,6 +55,10 @@ def test_smoke_run_reports_every_backend(tmp_path):
         # reference once (its row counts); the native layer keeps less than the loop for backward.
         assert (rows["native"]["sync_ops"], rows["native-loop"]["sync_ops"]) == (0, 1)
         assert 0 < rows["native"]["saved_mib"] < rows["native-loop"]["saved_mib"]
+        # --profile native: where its step goes, for native only.
+        ops = rows["native"]["profile"]
+        assert ops and all(0 < op["share"] <= 1 and op["ms_per_step"] > 0 for op in ops)
+        assert all("profile" not in r for name, r in rows.items() if name != "native")
         if res["routing"] == "zipf":  # capacity factor 1 cannot hold a skewed load
             assert rows["deepspeed-cf1"]["dropped_fraction"] > 0.05
     assert "native" in proc.stdout and "wrote" in proc.stdout
