@@ -32,7 +32,7 @@ from launcher.env import (
 from model.errors import ConfigError
 from model.transformer import TransformerLM
 from parallel.checkpoint import agree, load_weights
-from parallel.checkpoint_store import Checkpoint, CheckpointError, resolve
+from parallel.checkpoint_store import Checkpoint, CheckpointError, candidates, resolve
 from parallel.collectives import (
     CollectiveError,
     all_gather_object,
@@ -63,34 +63,57 @@ ARCHITECTURE = {"model": ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidde
 
 def prepare(argv: list[str], env: DistEnv):
     """All input checks, no collectives: config, layout, backend, run dir, data, and the
-    checkpoint to resume or start from (opened, and checked against the model config)."""
+    checkpoints to resume or start from (opened, and checked against the model config)."""
     job = load_config(argv)
     layout = job.validate(env.world_size)
     backend = choose_backend(job.parallel.backend)
     check_moe_backend(job.moe.backend, backend)
     run_dir = Path(job.logging.run_dir)
     check_writable(run_dir)
-    ckpt = find_checkpoint(job, run_dir, env.rank == 0)
+    ckpts = find_checkpoints(job, run_dir, env.rank == 0)
     corpus = load_corpus(job.data)
     data = rank_data(corpus, job.train, job.model.vocab_size, layout.coords(env.rank)["dp"], layout.dp)
-    return job, layout, backend, corpus, data, ckpt
+    return job, layout, backend, corpus, data, ckpts
 
 
-def find_checkpoint(job: JobConfig, run_dir: Path, verbose: bool) -> Checkpoint | None:
+def find_checkpoints(job: JobConfig, run_dir: Path, verbose: bool) -> list[Checkpoint]:
+    """The checkpoint named by checkpoint.resume or init_from, opened and checked against the
+    model config. For "auto": every committed checkpoint of the run dir that opens, newest
+    first; the job then checks their files' checksums together (choose_verified)."""
     ck = job.checkpoint
     spec = ck.resume or ck.init_from
     if spec is None:
-        return None
-    ckpt, skipped = resolve(spec, run_dir / "checkpoints")
-    if verbose:
-        for line in skipped:
-            print(line, flush=True)
-        if ckpt is None:
-            print(f"checkpoint.resume=auto: no committed checkpoint in {run_dir / 'checkpoints'}, "
-                  "starting at step 0", flush=True)
-    if ckpt is not None:
-        check_fits(ckpt, job)
-    return ckpt
+        return []
+    if spec == "auto":
+        found, skipped = candidates(run_dir / "checkpoints")
+        if verbose:
+            for line in skipped:
+                print(line, flush=True)
+    else:
+        found = [resolve(spec, run_dir / "checkpoints")[0]]
+    if found:
+        check_fits(found[0], job)
+    return found
+
+
+def choose_verified(found: list[Checkpoint], job: JobConfig, env: DistEnv) -> Checkpoint | None:
+    """resume=auto: the newest of `found` whose every file matches its checksum. Each rank
+    hashes 1/world of the files and the verdicts are gathered, so the job reads a candidate
+    once in all, not once per rank (a 1,000-rank job would read it 1,000 times). Collective."""
+    for ckpt in found:
+        problems = [p for share in all_gather_object(ckpt.check_share(env.rank, env.world_size))
+                    for p in share]
+        if not problems:
+            ckpt.trust()  # checked by the job: ranks do not hash the files again on load
+            check_fits(ckpt, job)  # an older one may not fit; every rank raises the same
+            return ckpt
+        if env.rank == 0:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            print(f"skipping broken checkpoint {ckpt.path}: {problems[0]}{more}", flush=True)
+    if env.rank == 0:
+        print(f"checkpoint.resume=auto: no committed checkpoint in "
+              f"{Path(job.logging.run_dir) / 'checkpoints'}, starting at step 0", flush=True)
+    return None
 
 
 def check_fits(ckpt: Checkpoint, job: JobConfig) -> None:
@@ -132,7 +155,7 @@ def build_model(job: JobConfig, topology: Topology, device: torch.device,
 
 def run(argv: list[str]) -> dict:
     env = read_env()
-    job, layout, backend, corpus, data, ckpt = prepare(argv, env)
+    job, layout, backend, corpus, data, ckpts = prepare(argv, env)
     if job.train.deterministic:
         torch.use_deterministic_algorithms(True)
     run_dir = Path(job.logging.run_dir)
@@ -147,6 +170,8 @@ def run(argv: list[str]) -> dict:
         if env.rank == 0:
             print(f"topology: {topology.describe()}")
         device = device_for(backend, env.local_rank)
+        auto = (job.checkpoint.resume or job.checkpoint.init_from) == "auto"
+        ckpt = choose_verified(ckpts, job, env) if auto else (ckpts[0] if ckpts else None)
         found = (str(ckpt.path), ckpt.step) if ckpt else None
         agree(None if found == _first(found) else f"chose checkpoint {found}, rank 0 chose "
               f"{_first(found)} (is the run dir on a shared file system?)", "choosing a checkpoint")

@@ -139,6 +139,7 @@ class Checkpoint:
     path: Path
     manifest: dict[str, Any]
     _files: dict[str, dict] = field(default_factory=dict, repr=False)  # loaded shard files
+    _verified: set[str] = field(default_factory=set, repr=False)  # files whose sha256 matched
 
     @property
     def step(self) -> int:
@@ -155,10 +156,9 @@ class Checkpoint:
     def load_file(self, name: str) -> dict:
         """One shard file's tensors (memory-mapped), its checksum checked on first use."""
         if name not in self._files:
-            path, rec = self.path / name, self.manifest["files"][name]
-            if sha256_file(path) != rec["sha256"]:
-                raise CheckpointError(f"checkpoint file {path} is corrupted: its sha256 does not "
-                                      "match the manifest")
+            path = self.path / name
+            if name not in self._verified and (problem := self.check_file(name)):
+                raise CheckpointError(problem)
             try:
                 self._files[name] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # noqa: BLE001 - any unreadable file is the same error
@@ -169,6 +169,24 @@ class Checkpoint:
         """Read every file and check its checksum."""
         for name in self.manifest["files"]:
             self.load_file(name)
+
+    def check_file(self, name: str) -> str | None:
+        """None if the file's sha256 matches the manifest, else what is wrong with it."""
+        path = self.path / name
+        if sha256_file(path) != self.manifest["files"][name]["sha256"]:
+            return f"checkpoint file {path} is corrupted: its sha256 does not match the manifest"
+        self._verified.add(name)
+        return None
+
+    def check_share(self, part: int, parts: int) -> list[str]:
+        """Check the checksums of files part, part + parts, ... (sorted by name): `parts`
+        processes, one share each, read the checkpoint once between them. Returns the problems."""
+        names = sorted(self.manifest["files"])[part::parts]
+        return [p for p in map(self.check_file, names) if p]
+
+    def trust(self) -> None:
+        """Every file was checked (by the processes sharing the work): skip the checksum on load."""
+        self._verified.update(self.manifest["files"])
 
     def fetch(self, name: str, target: Box, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """The block `target` of global tensor `name` (None if the checkpoint lacks it)."""
@@ -244,10 +262,23 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, manifest)
 
 
+def candidates(root: Path) -> tuple[list[Checkpoint], list[str]]:
+    """The committed checkpoints under `root` that open (structure checked, file checksums
+    not yet), newest first, and messages about those that do not."""
+    found, skipped = [], []
+    for path in committed(root):
+        try:
+            found.append(open_checkpoint(path))
+        except CheckpointError as exc:
+            skipped.append(f"skipping broken checkpoint {path}: {exc}")
+    return found, skipped
+
+
 def resolve(spec: str, root: Path) -> tuple[Checkpoint | None, list[str]]:
     """`spec` is a checkpoint directory, its parent (`latest` or newest inside), or "auto"
     (newest committed one under `root` that opens and verifies; None when there is none).
-    Returns the checkpoint and messages about those skipped."""
+    Returns the checkpoint and messages about those skipped. One process reads every file of
+    an "auto" candidate; a job shares that work (launcher.train.choose_verified)."""
     if spec != "auto":
         path = Path(spec)
         if path.is_dir() and not (path / MANIFEST).exists() and not (path / COMMIT).exists():
@@ -257,12 +288,10 @@ def resolve(spec: str, root: Path) -> tuple[Checkpoint | None, list[str]]:
                 raise CheckpointError(f"{path} holds no committed checkpoint")
             path = inside[0] if inside else path
         return open_checkpoint(path), []
-    skipped = []
-    for path in committed(root):
-        try:
-            ckpt = open_checkpoint(path)
-            ckpt.verify()
+    found, skipped = candidates(root)
+    for ckpt in found:
+        problems = ckpt.check_share(0, 1)
+        if not problems:
             return ckpt, skipped
-        except CheckpointError as exc:
-            skipped.append(f"skipping broken checkpoint {path}: {exc}")
+        skipped.append(f"skipping broken checkpoint {ckpt.path}: {problems[0]}")
     return None, skipped

@@ -86,6 +86,47 @@ def test_resume_auto_skips_a_broken_checkpoint_and_says_so(copy):
     assert len(skipped) == 1 and "step_00000002" in skipped[0] and "shard_00001.pt" in skipped[0]
 
 
+def _choose_auto(rank, world, root):
+    """launcher.train.choose_verified on `world` ranks, counting the files each rank hashes."""
+    import parallel.checkpoint_store as store
+    from launcher.env import DistEnv
+    from launcher.train import choose_verified
+
+    hashed = []
+    original = store.sha256_file
+
+    def counting(path):
+        hashed.append(f"{path.parent.name}/{path.name}")
+        return original(path)
+
+    store.sha256_file = counting
+    job = load_config(["--config", "configs/cpu_tiny.yaml", *SMALL, "--parallel.dp=2",
+                       "--parallel.ep=2", "--train.micro_batch_size=4",
+                       f"--logging.run_dir={root.parent}", "--checkpoint.resume=auto"])
+    found, _ = store.candidates(root)
+    env = DistEnv(rank, rank, world, world, "127.0.0.1", 1, "torchrun")
+    chosen = choose_verified(found, job, env)
+    before_load = list(hashed)
+    for name in chosen.manifest["files"]:
+        chosen.load_file(name)  # trusted: no second hash
+    return chosen.step, before_load, hashed == before_load
+
+
+@pytest.mark.distributed
+def test_resume_auto_shares_the_checksums_between_ranks_and_skips_a_broken_one(copy, capfd):
+    """The ranks of a job check a candidate's files once between them (each hashes every
+    world-th file), agree on the verdict, and never hash them again when loading."""
+    _flip_byte(copy / "step_00000002" / "shard_00001.pt")
+    results = run_distributed(_choose_auto, 2, (copy,), timeout_s=120)
+    files = sorted(p.name for p in (copy / "step_00000002").glob("shard_*.pt"))
+    for rank, (step, hashed, no_rehash) in enumerate(results):
+        assert step == 1 and no_rehash
+        mine = files[rank::2]
+        assert hashed == [f"step_00000002/{f}" for f in mine] + [f"step_00000001/{f}" for f in mine]
+    out = capfd.readouterr().out
+    assert "skipping broken checkpoint" in out and "step_00000002" in out and "shard_00001.pt" in out
+
+
 def _failed_load(rank, world, run_dir, bad):
     trainer = make_trainer(rank, run_dir, "dp2_ep2")
     step_losses(trainer)
