@@ -58,7 +58,7 @@ test-distributed: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests/distributed $(ARGS)
 
 test-gpu: $(STAMP)
-	$(BIN)/python -m pytest -q -ra tests/gpu $(ARGS)
+	$(BIN)/python -m pytest -q -ra -m gpu tests $(ARGS)
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir runs

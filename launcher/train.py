@@ -99,7 +99,15 @@ def find_checkpoints(job: JobConfig, run_dir: Path, verbose: bool) -> list[Check
 def choose_verified(found: list[Checkpoint], job: JobConfig, env: DistEnv) -> Checkpoint | None:
     """resume=auto: the newest of `found` whose every file matches its checksum. Each rank
     hashes 1/world of the files and the verdicts are gathered, so the job reads a candidate
-    once in all, not once per rank (a 1,000-rank job would read it 1,000 times). Collective."""
+    once in all, not once per rank (a 1,000-rank job would read it 1,000 times). Collective.
+
+    The ranks first agree on the candidates (each listed its own run dir in prepare()): one
+    collective per candidate needs the same list everywhere, and a run dir that is not shared
+    or a save landing between listings would make them differ."""
+    listed = [(str(c.path), c.step) for c in found]
+    first = _first(listed)  # once: a second broadcast on mismatching ranks only would hang
+    agree(None if listed == first else f"found checkpoints {listed}, rank 0 found {first} "
+          "(is the run dir on a shared file system?)", "choosing a checkpoint")
     for ckpt in found:
         problems = [p for share in all_gather_object(ckpt.check_share(env.rank, env.world_size))
                     for p in share]
@@ -173,8 +181,9 @@ def run(argv: list[str]) -> dict:
         auto = (job.checkpoint.resume or job.checkpoint.init_from) == "auto"
         ckpt = choose_verified(ckpts, job, env) if auto else (ckpts[0] if ckpts else None)
         found = (str(ckpt.path), ckpt.step) if ckpt else None
-        agree(None if found == _first(found) else f"chose checkpoint {found}, rank 0 chose "
-              f"{_first(found)} (is the run dir on a shared file system?)", "choosing a checkpoint")
+        first = _first(found)  # once: a second broadcast on mismatching ranks only would hang
+        agree(None if found == first else f"chose checkpoint {found}, rank 0 chose {first} "
+              "(is the run dir on a shared file system?)", "choosing a checkpoint")
         resume = ckpt if job.checkpoint.resume else None
         model = build_model(job, topology, device, ckpt if job.checkpoint.init_from else None)
         if env.rank == 0 and job.checkpoint.init_from:

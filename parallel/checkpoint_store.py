@@ -173,7 +173,11 @@ class Checkpoint:
     def check_file(self, name: str) -> str | None:
         """None if the file's sha256 matches the manifest, else what is wrong with it."""
         path = self.path / name
-        if sha256_file(path) != self.manifest["files"][name]["sha256"]:
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:  # a problem like any other: callers share the verdicts
+            return f"checkpoint file {path} cannot be read: {exc}"
+        if digest != self.manifest["files"][name]["sha256"]:
             return f"checkpoint file {path} is corrupted: its sha256 does not match the manifest"
         self._verified.add(name)
         return None

@@ -80,6 +80,9 @@ def stage_state(zero, ckpt: Checkpoint, params: list[Shard]) -> list:
         for key, values in moms.items():
             moments[i][key][cut] = values.reshape(-1)[start:end]
 
+    # The fused (CUDA) AdamW keeps its step counts on the device, the per-tensor one on the host.
+    on_device = bool(zero.optimizer.defaults.get("fused"))
+
     def install() -> None:
         with torch.no_grad():
             for i, part in enumerate(parts):
@@ -87,6 +90,7 @@ def stage_state(zero, ckpt: Checkpoint, params: list[Shard]) -> list:
                 if step is None:
                     zero.optimizer.state.pop(part, None)
                 else:
-                    zero.optimizer.state[part] = {"step": torch.tensor(float(step)), **moments[i]}
+                    count = torch.tensor(float(step), device=part.device if on_device else "cpu")
+                    zero.optimizer.state[part] = {"step": count, **moments[i]}
 
     return [install]

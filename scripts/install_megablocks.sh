@@ -17,6 +17,8 @@
 #   BUILD_DIR             where sources are unpacked (default: a temporary dir, removed after)
 #   WHEEL_DIR             if set, also keep the built wheels there, so a later machine with the
 #                         same torch and CUDA can `pip install --no-deps` them without building
+#   PIP_INSTALL_ARGS      more arguments for the pip installs, e.g. "--target /tmp/site" (then
+#                         put that folder on PYTHONPATH: the import check at the end needs it)
 #
 # Why not `pip install megablocks`: 0.10.0 pins torch==2.7.0, so pip would replace the torch
 # that is there; every package goes in with --no-deps --no-build-isolation instead. And its
@@ -149,12 +151,15 @@ for entry in "${SOURCES[@]}"; do
         mkdir -p "$WHEEL_DIR"
         "$PYTHON" -m pip wheel --no-index --no-deps --no-build-isolation -w "$WHEEL_DIR" "$dir" \
             || die "pip wheel of $name from $dir failed"
-        wheel=("$WHEEL_DIR"/"${name//-/_}"-*.whl)
-        [[ -f "${wheel[0]}" ]] || die "pip wheel of $name left no ${name//-/_}-*.whl in $WHEEL_DIR"
-        "$PYTHON" -m pip install --no-index --no-deps "${wheel[0]}" \
+        # this version's wheel only: WHEEL_DIR may hold others from earlier builds
+        wheel=("$WHEEL_DIR"/"${name//-/_}-${spec##*==}"-*.whl)
+        [[ -f "${wheel[0]}" ]] || die "pip wheel of $name left no ${name//-/_}-${spec##*==}-*.whl in $WHEEL_DIR"
+        # shellcheck disable=SC2086  # PIP_INSTALL_ARGS is a list of words
+        "$PYTHON" -m pip install --no-index --no-deps ${PIP_INSTALL_ARGS:-} "${wheel[0]}" \
             || die "pip install of ${wheel[0]} failed"
     else
-        "$PYTHON" -m pip install --no-index --no-deps --no-build-isolation "$dir" \
+        # shellcheck disable=SC2086
+        "$PYTHON" -m pip install --no-index --no-deps --no-build-isolation ${PIP_INSTALL_ARGS:-} "$dir" \
             || die "pip install of $name from $dir failed"
     fi
 done

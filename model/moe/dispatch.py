@@ -180,7 +180,7 @@ def combine(
     # Weight and sum the K choices as one batched (1, K) x (K, D) product per token: it reads
     # the rows once and keeps only them (in the activations' dtype) for backward, where an
     # fp32 multiply-and-sum made and kept an fp32 copy of all N rows. The router weights are
-    # rounded to the activations' dtype for it (bf16: as MegaBlocks and DeepSpeed do); the
-    # accumulation inside the product is fp32 either way.
+    # rounded to the activations' dtype for it (in bf16, as DeepSpeed's combine einsum does;
+    # MegaBlocks' scatter multiplies in fp32); the accumulation inside the product is fp32.
     w_T1K = topk_weight_TK.to(y_TKD.dtype).unsqueeze(1)
     return torch.bmm(w_T1K, y_TKD).squeeze(1)

@@ -31,20 +31,27 @@ class _GroupedSwiGLU(torch.autograd.Function):
     (grouped_mm with transposed operands, aten.silu_backward), so the gradients are the same
     numbers. It also makes the incoming gradient contiguous: grouped_mm rejects the zero
     strides of broadcast gradients (e.g. from `y.sum()`).
+
+    `dtype` is the GEMMs' dtype (autocast's, or the weights' own). The weights are cast inside
+    and the originals saved (they are held anyway): saving the casts would keep a bf16 copy of
+    every expert weight per layer until backward. Backward casts them again.
     """
 
     @staticmethod
-    def forward(ctx, x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E):
-        h1_NF = _gmm(x_ND, w1_EDF, offs_E)
-        h3_NF = _gmm(x_ND, w3_EDF, offs_E)
+    def forward(ctx, x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E, dtype):
+        ctx.dtype = dtype
+        x_ND = x_ND.to(dtype)
+        h1_NF = _gmm(x_ND, w1_EDF.to(dtype), offs_E)
+        h3_NF = _gmm(x_ND, w3_EDF.to(dtype), offs_E)
         ctx.save_for_backward(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E, h1_NF, h3_NF)
-        return _gmm(F.silu(h1_NF).mul_(h3_NF), w2_EFD, offs_E)
+        return _gmm(F.silu(h1_NF).mul_(h3_NF), w2_EFD.to(dtype), offs_E)
 
     @staticmethod
     def backward(ctx, dy_ND):
-        x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E, h1_NF, h3_NF = ctx.saved_tensors
-        need_x, need_w1, need_w3, need_w2, _ = ctx.needs_input_grad
-        dy_ND = dy_ND.contiguous()
+        x_ND, w1, w3, w2, offs_E, h1_NF, h3_NF = ctx.saved_tensors
+        need_x, need_w1, need_w3, need_w2, _, _ = ctx.needs_input_grad
+        w1_EDF, w3_EDF, w2_EFD = (w.to(ctx.dtype) for w in (w1, w3, w2))
+        dy_ND = dy_ND.contiguous().to(ctx.dtype)
         silu_NF = F.silu(h1_NF)
         dw2 = _gmm((silu_NF * h3_NF).mT, dy_ND, offs_E) if need_w2 else None
         dh_NF = _gmm(dy_ND, w2_EFD.mT, offs_E)
@@ -55,9 +62,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
         dx = None
         if need_x:
             dx = _gmm(dh1_NF, w1_EDF.mT, offs_E).add_(_gmm(dh3_NF, w3_EDF.mT, offs_E))
-        dw1 = _gmm(x_ND.mT, dh1_NF, offs_E) if need_w1 else None
-        dw3 = _gmm(x_ND.mT, dh3_NF, offs_E) if need_w3 else None
-        return dx, dw1, dw3, dw2, None
+        dw1 = _gmm(x_ND.mT, dh1_NF, offs_E).to(w1.dtype) if need_w1 else None
+        dw3 = _gmm(x_ND.mT, dh3_NF, offs_E).to(w3.dtype) if need_w3 else None
+        dw2 = dw2.to(w2.dtype) if need_w2 else None
+        return dx, dw1, dw3, dw2, None, None
 
 
 class SwiGLUExperts(nn.Module):
@@ -96,14 +104,12 @@ class SwiGLUExperts(nn.Module):
             return self._forward_loop(x_ND, tokens_per_expert_E)
         # offs[e] = end row of expert e; stays on device, so no host synchronisation here.
         offs_E = torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32)
-        weights = (self.w1_EDF, self.w3_EDF, self.w2_EFD)
+        # Autocast leaves grouped_mm alone (it is not on its lists): the GEMMs run in its dtype
+        # anyway, as a matmul's would, and the fp32 weights get fp32 gradients.
         device = x_ND.device.type
-        if torch.is_autocast_enabled(device):
-            # Autocast leaves grouped_mm alone (it is not on its lists): cast as it casts a
-            # matmul, so the GEMMs run in the autocast dtype and the fp32 weights get fp32 grads.
-            dtype = torch.get_autocast_dtype(device)
-            x_ND, weights = x_ND.to(dtype), [w.to(dtype) for w in weights]
-        return _GroupedSwiGLU.apply(x_ND, *weights, offs_E)
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else self.w1_EDF.dtype)
+        return _GroupedSwiGLU.apply(x_ND, self.w1_EDF, self.w3_EDF, self.w2_EFD, offs_E, dtype)
 
     def _forward_loop(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """The readable reference: one dense SwiGLU per expert on its slice of rows."""

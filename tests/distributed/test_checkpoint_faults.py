@@ -127,6 +127,31 @@ def test_resume_auto_shares_the_checksums_between_ranks_and_skips_a_broken_one(c
     assert "skipping broken checkpoint" in out and "step_00000002" in out and "shard_00001.pt" in out
 
 
+def _choose_from_different_lists(rank, world, roots):
+    from launcher.env import DistEnv
+    from launcher.train import choose_verified
+    from parallel.checkpoint_store import candidates
+
+    job = load_config(["--config", "configs/cpu_tiny.yaml", *SMALL, "--parallel.dp=2",
+                       "--parallel.ep=2", "--train.micro_batch_size=4", "--checkpoint.resume=auto"])
+    found, _ = candidates(roots[rank])
+    with pytest.raises(CheckpointError) as err:
+        choose_verified(found, job, DistEnv(rank, rank, world, world, "127.0.0.1", 1, "torchrun"))
+    return str(err.value)
+
+
+@pytest.mark.distributed
+def test_resume_auto_refuses_on_every_rank_when_ranks_list_different_checkpoints(copy, tmp_path):
+    """A run dir that is not shared: rank 1 sees only step 1. Every rank raises the same
+    error (no rank left waiting in a collective the others skipped)."""
+    other = tmp_path / "other"
+    shutil.copytree(copy, other)
+    shutil.rmtree(other / "step_00000002")
+    messages = run_distributed(_choose_from_different_lists, 2, ([copy, other],), timeout_s=60)
+    assert messages[0] == messages[1]
+    assert "rank(s) [1]" in messages[0] and "shared file system" in messages[0]
+
+
 def _failed_load(rank, world, run_dir, bad):
     trainer = make_trainer(rank, run_dir, "dp2_ep2")
     step_losses(trainer)

@@ -57,7 +57,7 @@ def test_loop_reference_syncs_once_so_the_count_can_fail():
     assert dict(c.ops) == {"tolist": 1}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "autocast"])
 @pytest.mark.parametrize("num_experts, top_k", [(E, K), (64, 8)])
 def test_saved_activations_stay_within_budget(dtype, num_experts, top_k):
     """Kept for backward, in the activations' dtype (b bytes): the sorted input rows (N, D),
@@ -65,12 +65,17 @@ def test_saved_activations_stay_within_budget(dtype, num_experts, top_k):
     router's input (T, D). Small change: two int64 slot permutations (N), the router's fp32
     (T, E) tensors and (T, K) choices. Autograd on the plain expressions also kept silu(h1) and
     h (2 more (N, F)), an fp32 copy of the output rows and an fp32 copy of the router input.
+    "autocast": an fp32 layer under bf16 autocast keeps the same activations in bf16, the
+    router's input in fp32 (the block's dtype), and no bf16 copies of the expert weights.
     """
+    autocast = dtype == "autocast"
+    dtype = torch.float32 if autocast else dtype
     layer = _layer(dtype=dtype, num_experts=num_experts, top_k=top_k)
     x = torch.randn(1, T, D, dtype=dtype, requires_grad=True)
-    saved, _ = saved_tensor_bytes(lambda: layer(x), layer.parameters())
-    N, b = T * top_k, dtype.itemsize
-    big = b * (2 * N * D + 2 * N * FF + T * D)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        saved, _ = saved_tensor_bytes(lambda: layer(x), layer.parameters())
+    N, b = T * top_k, 2 if autocast else dtype.itemsize
+    big = b * (2 * N * D + 2 * N * FF) + dtype.itemsize * T * D
     small = 8 * 2 * N + 4 * 4 * T * num_experts + 16 * T * top_k
     assert saved <= big + small, f"saved {saved} B > budget {big} + {small} B"
     # ...and the budget binds: one more (N, F) activation would not fit.
@@ -91,13 +96,13 @@ def test_recomputing_backward_equals_autograd_of_the_plain_expression(frozen):
     ws = {"w1": torch.randn(4, D, FF), "w3": torch.randn(4, D, FF), "w2": torch.randn(4, FF, D)}
     g = torch.randn(x.shape)
     grads = []
-    for fn in (_plain, _GroupedSwiGLU.apply):
+    for fn in (_plain, lambda *a: _GroupedSwiGLU.apply(*a, torch.float32)):
         xi = x.clone().requires_grad_()
         wi = {k: v.clone().requires_grad_(k not in frozen) for k, v in ws.items()}
         fn(xi, wi["w1"], wi["w3"], wi["w2"], offs).backward(g)
         grads.append([xi.grad] + [wi[k].grad for k in ("w1", "w3", "w2")])
     # A broadcast (zero-stride) gradient, which grouped_mm's own backward rejects, works too.
-    _GroupedSwiGLU.apply(x.requires_grad_(), *ws.values(), offs).sum().backward()
+    _GroupedSwiGLU.apply(x.requires_grad_(), *ws.values(), offs, torch.float32).sum().backward()
     for got, want in zip(*grads):
         if want is None:
             assert got is None
