@@ -201,6 +201,13 @@ def fetch_moments(ckpt: Checkpoint, shard: Shard) -> dict[str, torch.Tensor]:
     return out
 
 
+def adam_step_count(step: int, optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor:
+    """Adam's step count for `param`'s restored state, where torch's AdamW keeps it: on the
+    parameter's device for the fused (CUDA) kernel, on the host for the per-tensor one."""
+    fused = bool(optimizer.defaults.get("fused"))
+    return torch.tensor(float(step), device=param.device if fused else "cpu")
+
+
 def check_fit(ckpt: Checkpoint, params: list[Shard]) -> None:
     """Every parameter exists in the checkpoint at the same global shape, and nothing more."""
     stored = {n.split("/", 1)[1] for n in ckpt.tensors if n.startswith("model/")}

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from parallel.checkpoint import Piece, fetch_moments, fetch_param
+from parallel.checkpoint import Piece, adam_step_count, fetch_moments, fetch_param
 from parallel.checkpoint_store import Checkpoint
 from parallel.shards import Shard
 from parallel.topology import Topology
@@ -80,9 +80,6 @@ def stage_state(zero, ckpt: Checkpoint, params: list[Shard]) -> list:
         for key, values in moms.items():
             moments[i][key][cut] = values.reshape(-1)[start:end]
 
-    # The fused (CUDA) AdamW keeps its step counts on the device, the per-tensor one on the host.
-    on_device = bool(zero.optimizer.defaults.get("fused"))
-
     def install() -> None:
         with torch.no_grad():
             for i, part in enumerate(parts):
@@ -90,7 +87,7 @@ def stage_state(zero, ckpt: Checkpoint, params: list[Shard]) -> list:
                 if step is None:
                     zero.optimizer.state.pop(part, None)
                 else:
-                    count = torch.tensor(float(step), device=part.device if on_device else "cpu")
-                    zero.optimizer.state[part] = {"step": count, **moments[i]}
+                    zero.optimizer.state[part] = {"step": adam_step_count(step, zero.optimizer, part),
+                                                  **moments[i]}
 
     return [install]

@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from parallel.checkpoint import Piece, fetch_moments
+from parallel.checkpoint import Piece, adam_step_count, fetch_moments
 from parallel.checkpoint_store import Checkpoint
 from parallel.data_parallel import clip_gradients_, reduce_gradients
 from parallel.expert_parallel import split_parameters
@@ -123,14 +123,10 @@ class PlainStepper:
         step = ckpt.meta.get("adam_step")
         staged = [(s.param, fetch_moments(ckpt, s)) for s in params] if step is not None else []
 
-        # The fused (CUDA) AdamW keeps its step counts on the device, the per-tensor one on the host.
-        on_device = bool(self.optimizer.defaults.get("fused"))
-
         def install() -> None:
             self.optimizer.state.clear()
             for p, moments in staged:
-                count = torch.tensor(float(step), device=p.device if on_device else "cpu")
-                self.optimizer.state[p] = {"step": count} | {
+                self.optimizer.state[p] = {"step": adam_step_count(step, self.optimizer, p)} | {
                     k: v.to(p.device, p.dtype) for k, v in moments.items()}
 
         return [install]
