@@ -20,7 +20,7 @@ STAMP := $(VENV)/.installed
 NODES ?= 2
 PER_NODE ?= 2
 
-.PHONY: install train simulate sweep test test-unit test-distributed test-gpu tensorboard clean
+.PHONY: install megablocks-reference train simulate sweep test test-unit test-distributed test-gpu tensorboard clean
 
 install: $(STAMP)
 
@@ -31,6 +31,19 @@ $(STAMP): pyproject.toml
 		$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_CPU)"; fi
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+# MegaBlocks' Python on reference CPU kernels, for tests/distributed/test_megablocks_reference.py
+# (see tests/megablocks_reference): its sdists verified and unpacked by the install script (no
+# build), and Triton for its interpreter, kept out of the venv.
+MB_REF := .cache/megablocks-reference
+MB_REF_TRITON ?= triton==3.9.0
+megablocks-reference: $(MB_REF)/.ready
+
+$(MB_REF)/.ready: scripts/install_megablocks.sh | $(STAMP)
+	rm -rf $(MB_REF)
+	BUILD_DIR=$(MB_REF) PYTHON=$(BIN)/python scripts/install_megablocks.sh --prepare-only
+	$(BIN)/python -m pip install --quiet --no-deps --target $(MB_REF)/site "$(MB_REF_TRITON)"
+	touch $@
 
 train: $(STAMP)
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m launcher.train --config $(CONFIG) $(ARGS)
@@ -48,13 +61,13 @@ SWEEP_ARGS ?= --train.steps=40 --train.eval_interval=0
 sweep: $(STAMP)
 	$(BIN)/python -m launcher.sweep --nodes $(SWEEP_NODES) --per-node $(SWEEP_PER_NODE) --launcher $(LAUNCHER) -- --config $(CONFIG) $(SWEEP_ARGS) $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(MB_REF)/.ready
 	$(BIN)/python -m pytest -q -ra --durations=15 $(ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests/unit $(ARGS)
 
-test-distributed: $(STAMP)
+test-distributed: $(STAMP) $(MB_REF)/.ready
 	$(BIN)/python -m pytest -q -ra tests/distributed $(ARGS)
 
 test-gpu: $(STAMP)
@@ -64,4 +77,4 @@ tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir runs
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .cache

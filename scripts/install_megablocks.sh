@@ -6,8 +6,9 @@
 #
 # SRC_DIR (default: .gpu_wheels/ in this checkout, which git ignores) holds the source tarballs
 #   megablocks-0.10.0.tar.gz  grouped_gemm-0.3.0.tar.gz  stanford_stk-0.7.1.tar.gz
-# A tarball missing there is fetched from PyPI with `pip download` (needs CUDA_HOME: pip runs
-# grouped_gemm's setup.py for its metadata). Every tarball must match its PyPI sha256.
+# A tarball missing there is downloaded from PyPI's simple index (PYPI_SIMPLE_URL, default
+# https://pypi.org/simple): the file itself, no setup.py is run, so this works on any machine.
+# Every tarball must match its PyPI sha256.
 # --prepare-only stops after unpacking and patching the sources into BUILD_DIR (kept).
 #
 # Environment:
@@ -79,16 +80,30 @@ print(f"install_megablocks: building against torch {torch.__version__} (CUDA {to
 EOF
 }
 
-fetch() {  # fetch TARBALL SPEC SHA256 -> prints the path of a verified tarball
-    local tarball="$1" spec="$2" sha="$3" path="$SRC_DIR/$1"
+download() {  # download TARBALL DEST: the sdist named TARBALL from the simple index
+    "$PYTHON" - "$1" "$2" "${PYPI_SIMPLE_URL:-https://pypi.org/simple}" <<'EOF'
+import json, re, sys, urllib.request
+tarball, dest, index = sys.argv[1:4]
+project = re.sub(r"[-_.]+", "-", tarball.rsplit("-", 1)[0]).lower()  # PEP 503 name
+request = urllib.request.Request(f"{index.rstrip('/')}/{project}/",
+                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+with urllib.request.urlopen(request, timeout=60) as response:
+    files = json.load(response)["files"]
+urls = [f["url"] for f in files if f["filename"] == tarball]
+if not urls:
+    sys.exit(f"install_megablocks: {index} lists no {tarball} for {project}")
+with urllib.request.urlopen(urls[0], timeout=300) as response, open(dest, "wb") as out:
+    out.write(response.read())
+EOF
+}
+
+fetch() {  # fetch TARBALL SHA256 -> prints the path of a verified tarball
+    local tarball="$1" sha="$2" path="$SRC_DIR/$1"
     if [[ ! -f "$path" ]]; then
-        say "$tarball not in $SRC_DIR; downloading $spec from PyPI" >&2
+        say "$tarball not in $SRC_DIR; downloading it from PyPI" >&2
         mkdir -p "$BUILD_DIR/downloads"
-        "$PYTHON" -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation \
-            -d "$BUILD_DIR/downloads" "$spec" >&2 \
-            || die "$tarball is not in $SRC_DIR and could not be downloaded from PyPI"
         path="$BUILD_DIR/downloads/$tarball"
-        [[ -f "$path" ]] || die "pip download of $spec did not produce $tarball"
+        download "$tarball" "$path" >&2 || die "$tarball is not in $SRC_DIR and could not be downloaded from PyPI"
     fi
     echo "$sha  $path" | sha256sum --check --status \
         || die "$path does not match the sha256 of $tarball on PyPI ($sha)"
@@ -126,7 +141,7 @@ mkdir -p "$BUILD_DIR/src"
 SOURCES=()
 for entry in "${PACKAGES[@]}"; do
     IFS='|' read -r name tarball top spec sha <<<"$entry"
-    path="$(fetch "$tarball" "$spec" "$sha")"
+    path="$(fetch "$tarball" "$sha")"
     rm -rf "${BUILD_DIR:?}/src/$top"
     tar -xzf "$path" -C "$BUILD_DIR/src"
     [[ -d "$BUILD_DIR/src/$top" ]] || die "$tarball did not unpack to $top/"

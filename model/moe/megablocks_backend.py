@@ -128,7 +128,8 @@ def _dropless_pipeline(mb: SimpleNamespace, dim: int, cfg: MoEConfig, experts: n
     Its __init__ allocates MegaBlocks' own expert weights (a dense MLP's and the GLU's) and
     sizes the sparse path's transpose sort with log2(E * F / 128), which overflows for
     E * F < 128. The grouped path (grouped_forward_once at ep 1, parallel_forward_once at
-    ep > 1) reads only the attributes set here: checked against MegaBlocks 0.10.0.
+    ep > 1) reads only the attributes set here: run on CPU against MegaBlocks 0.10.0 in every
+    `make test` (tests/distributed/test_megablocks_reference.py).
     """
     args = mb.Arguments(
         hidden_size=dim, ffn_hidden_size=cfg.expert_hidden, moe_num_experts=cfg.num_experts,
