@@ -32,7 +32,13 @@ from launcher.env import (
 from model.errors import ConfigError
 from model.transformer import TransformerLM
 from parallel.checkpoint import agree, load_weights
-from parallel.checkpoint_store import Checkpoint, CheckpointError, candidates, resolve
+from parallel.checkpoint_store import (
+    Checkpoint,
+    CheckpointError,
+    candidates,
+    resolve,
+    skipped_message,
+)
 from parallel.collectives import (
     CollectiveError,
     all_gather_object,
@@ -116,8 +122,7 @@ def choose_verified(found: list[Checkpoint], job: JobConfig, env: DistEnv) -> Ch
             check_fits(ckpt, job)  # an older one may not fit; every rank raises the same
             return ckpt
         if env.rank == 0:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            print(f"skipping broken checkpoint {ckpt.path}: {problems[0]}{more}", flush=True)
+            print(skipped_message(ckpt.path, problems), flush=True)
     if env.rank == 0:
         print(f"checkpoint.resume=auto: no committed checkpoint in "
               f"{Path(job.logging.run_dir) / 'checkpoints'}, starting at step 0", flush=True)

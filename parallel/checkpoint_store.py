@@ -266,6 +266,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, manifest)
 
 
+def skipped_message(path: Path, problems: list) -> str:
+    """What resume=auto says about a candidate it passes over: the first problem, and how many
+    more there are."""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"skipping broken checkpoint {path}: {problems[0]}{more}"
+
+
 def candidates(root: Path) -> tuple[list[Checkpoint], list[str]]:
     """The committed checkpoints under `root` that open (structure checked, file checksums
     not yet), newest first, and messages about those that do not."""
@@ -274,7 +281,7 @@ def candidates(root: Path) -> tuple[list[Checkpoint], list[str]]:
         try:
             found.append(open_checkpoint(path))
         except CheckpointError as exc:
-            skipped.append(f"skipping broken checkpoint {path}: {exc}")
+            skipped.append(skipped_message(path, [exc]))
     return found, skipped
 
 
@@ -297,5 +304,5 @@ def resolve(spec: str, root: Path) -> tuple[Checkpoint | None, list[str]]:
         problems = ckpt.check_share(0, 1)
         if not problems:
             return ckpt, skipped
-        skipped.append(f"skipping broken checkpoint {ckpt.path}: {problems[0]}")
+        skipped.append(skipped_message(ckpt.path, problems))
     return None, skipped
