@@ -124,9 +124,12 @@ class DispatchPlan:
 
 
 def dispatch(
-    x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int, comm: ExpertComm
+    x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int, comm: ExpertComm,
+    counts_E: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, DispatchPlan]:
     """Returns the rows for this rank's local experts, expert-major, and the plan to undo it.
+    `counts_E`: the slots per global expert of `topk_idx_TK` when the caller has them already
+    (the router counted them), else they are counted here.
 
     Host synchronisations: none at ep=1; at ep>1 exactly one, the split sizes.
     """
@@ -136,7 +139,8 @@ def dispatch(
     sort_idx_N = torch.argsort(expert_N, stable=True)
     inv_sort_N = inverse_permutation(sort_idx_N)
     x_sorted_ND = _ExpandToSortedSlots.apply(x_TD, sort_idx_N, inv_sort_N, K)
-    counts_E = count_per_expert(expert_N, num_experts)
+    if counts_E is None:
+        counts_E = count_per_expert(expert_N, num_experts)
     if comm.size == 1:
         n = x_sorted_ND.shape[0]
         return x_sorted_ND, DispatchPlan(sort_idx_N, inv_sort_N, [n], [n], None, None, counts_E)

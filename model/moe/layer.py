@@ -78,7 +78,9 @@ class NativeMoE(MoELayer):
         x_td, weight_tK = self.tp.split(x_TD), self.tp.split(route.topk_weight_TK)
         n = x_td.shape[0]
         idx_tK = route.topk_idx_TK[self.tp.rank * n : (self.tp.rank + 1) * n]
-        x_grouped, plan = dispatch(x_td, idx_tK, self.num_experts, self.comm)
+        # At tp 1 the slice is every token, which the router has counted already.
+        counts_E = route.counts_E if self.tp.size == 1 else None
+        x_grouped, plan = dispatch(x_td, idx_tK, self.num_experts, self.comm, counts_E)
         y_grouped = self.experts(x_grouped, plan.tokens_per_expert)
         y_TD = self.tp.gather(combine(y_grouped, weight_tK, plan, self.comm))
         return y_TD.view_as(x_BSD), route
