@@ -34,16 +34,19 @@ $(STAMP): pyproject.toml
 
 # MegaBlocks' Python on reference CPU kernels, for tests/distributed/test_megablocks_reference.py
 # (see tests/megablocks_reference): its sdists verified and unpacked by the install script (no
-# build), and Triton for its interpreter, kept out of the venv.
+# build), and Triton for its interpreter, kept out of the venv. Needs PyPI the first time; it is
+# built beside the old one and swapped in, so a failed rebuild (offline) keeps what was there.
+# make test goes on without it (those tests then skip, saying why; under CI=true they fail).
 MB_REF := .cache/megablocks-reference
 MB_REF_TRITON ?= triton==3.9.0
 megablocks-reference: $(MB_REF)/.ready
 
-$(MB_REF)/.ready: scripts/install_megablocks.sh | $(STAMP)
-	rm -rf $(MB_REF)
-	BUILD_DIR=$(MB_REF) PYTHON=$(BIN)/python scripts/install_megablocks.sh --prepare-only
-	$(BIN)/python -m pip install --quiet --no-deps --target $(MB_REF)/site "$(MB_REF_TRITON)"
-	touch $@
+$(MB_REF)/.ready: scripts/install_megablocks.sh Makefile | $(STAMP)
+	rm -rf $(MB_REF).new
+	BUILD_DIR=$(MB_REF).new PYTHON=$(BIN)/python scripts/install_megablocks.sh --prepare-only
+	$(BIN)/python -m pip install --quiet --no-deps --target $(MB_REF).new/site "$(MB_REF_TRITON)"
+	echo "$(MB_REF_TRITON)" > $(MB_REF).new/.ready
+	rm -rf $(MB_REF) && mv $(MB_REF).new $(MB_REF)
 
 train: $(STAMP)
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m launcher.train --config $(CONFIG) $(ARGS)
@@ -61,13 +64,17 @@ SWEEP_ARGS ?= --train.steps=40 --train.eval_interval=0
 sweep: $(STAMP)
 	$(BIN)/python -m launcher.sweep --nodes $(SWEEP_NODES) --per-node $(SWEEP_PER_NODE) --launcher $(LAUNCHER) -- --config $(CONFIG) $(SWEEP_ARGS) $(ARGS)
 
-test: $(STAMP) $(MB_REF)/.ready
+MB_REF_SOFT = $(MAKE) --no-print-directory megablocks-reference || echo "make: preparing $(MB_REF) failed; the megablocks reference tests use the one already there, or skip"
+
+test: $(STAMP)
+	@$(MB_REF_SOFT)
 	$(BIN)/python -m pytest -q -ra --durations=15 $(ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -ra tests/unit $(ARGS)
 
-test-distributed: $(STAMP) $(MB_REF)/.ready
+test-distributed: $(STAMP)
+	@$(MB_REF_SOFT)
 	$(BIN)/python -m pytest -q -ra tests/distributed $(ARGS)
 
 test-gpu: $(STAMP)

@@ -6,8 +6,9 @@
 #
 # SRC_DIR (default: .gpu_wheels/ in this checkout, which git ignores) holds the source tarballs
 #   megablocks-0.10.0.tar.gz  grouped_gemm-0.3.0.tar.gz  stanford_stk-0.7.1.tar.gz
-# A tarball missing there is downloaded from PyPI's simple index (PYPI_SIMPLE_URL, default
-# https://pypi.org/simple): the file itself, no setup.py is run, so this works on any machine.
+# A tarball missing there is downloaded from a simple index that speaks JSON (PEP 691):
+# PYPI_SIMPLE_URL, else PIP_INDEX_URL, else https://pypi.org/simple. Only the file is fetched,
+# no setup.py runs, so this works on any machine.
 # Every tarball must match its PyPI sha256.
 # --prepare-only stops after unpacking and patching the sources into BUILD_DIR (kept).
 #
@@ -34,7 +35,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PREPARE_ONLY=0
 if [[ "${1:-}" == "--prepare-only" ]]; then PREPARE_ONLY=1; shift; fi
 if [[ $# -gt 1 || "${1:-}" == -* ]]; then
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 SRC_DIR="${1:-$ROOT/.gpu_wheels}"
@@ -80,20 +81,27 @@ print(f"install_megablocks: building against torch {torch.__version__} (CUDA {to
 EOF
 }
 
-download() {  # download TARBALL DEST: the sdist named TARBALL from the simple index
-    "$PYTHON" - "$1" "$2" "${PYPI_SIMPLE_URL:-https://pypi.org/simple}" <<'EOF'
-import json, re, sys, urllib.request
+download() {  # download TARBALL DEST: the sdist named TARBALL from a PEP 691 (JSON) simple index
+    "$PYTHON" - "$1" "$2" "${PYPI_SIMPLE_URL:-${PIP_INDEX_URL:-https://pypi.org/simple}}" <<'EOF'
+import json, re, sys, urllib.parse, urllib.request
 tarball, dest, index = sys.argv[1:4]
 project = re.sub(r"[-_.]+", "-", tarball.rsplit("-", 1)[0]).lower()  # PEP 503 name
-request = urllib.request.Request(f"{index.rstrip('/')}/{project}/",
-                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-with urllib.request.urlopen(request, timeout=60) as response:
-    files = json.load(response)["files"]
-urls = [f["url"] for f in files if f["filename"] == tarball]
-if not urls:
-    sys.exit(f"install_megablocks: {index} lists no {tarball} for {project}")
-with urllib.request.urlopen(urls[0], timeout=300) as response, open(dest, "wb") as out:
-    out.write(response.read())
+page = f"{index.rstrip('/')}/{project}/"
+request = urllib.request.Request(page, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+try:
+    with urllib.request.urlopen(request, timeout=60) as response:
+        kind = response.headers.get("Content-Type", "")
+        if "json" not in kind:
+            sys.exit(f"install_megablocks: {page} answered {kind or 'no content type'}, not the "
+                     "JSON simple API (PEP 691); put the tarball in the source dir instead")
+        files = json.load(response)["files"]
+    urls = [urllib.parse.urljoin(page, f["url"]) for f in files if f["filename"] == tarball]
+    if not urls:
+        sys.exit(f"install_megablocks: {page} lists no {tarball}")
+    with urllib.request.urlopen(urls[0], timeout=300) as response, open(dest, "wb") as out:
+        out.write(response.read())
+except OSError as exc:  # URLError, HTTPError, timeouts
+    sys.exit(f"install_megablocks: downloading {tarball} from {page} failed: {exc}")
 EOF
 }
 

@@ -37,30 +37,48 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float = 2e-2, what: str = "outp
     assert err <= rel * scale, f"{what}: max error {err:.3e} > {rel} x {scale:.3e}"
 
 
-def _pair(dim: int, cfg: MoEConfig, device: str, seed: int = 0):
-    """(native, megablocks) layers in bf16 on `device` holding the same canonical weights."""
+PRECISIONS = ("bf16", "fp32", "autocast")
+
+
+def _pair(dim: int, cfg: MoEConfig, device: str, dtype: torch.dtype = BF16, seed: int = 0):
+    """(native, megablocks) layers in `dtype` on `device` holding the same canonical weights."""
+    from model.moe.megablocks_backend import MegaBlocksMoE
+
     torch.manual_seed(seed)
     native = build_moe(dim, cfg)
     for p in native.parameters():
         torch.nn.init.normal_(p, std=0.05)
     mega = build_moe(dim, MoEConfig(**{**vars(cfg), "backend": "megablocks"}))
+    assert isinstance(mega, MegaBlocksMoE), type(mega)
     assert mega.state_dict().keys() == native.state_dict().keys()  # nothing but the canonical names
     mega.load_state_dict(native.state_dict())
-    return native.to(device, BF16), mega.to(device, BF16)
+    return native.to(device, dtype), mega.to(device, dtype)
 
 
 def layer_equals_native(device: str, num_experts: int, top_k: int, tokens: int,
-                        dim: int = 256, hidden: int = 128) -> None:
+                        dim: int = 256, hidden: int = 128, precision: str = "bf16") -> None:
     """Output, router losses, a loss built from them, and every gradient. With fewer token-slots
-    than experts, the idle experts' weight gradients must be exactly zero."""
-    cfg = MoEConfig(num_experts=num_experts, top_k=top_k, expert_hidden=hidden)
-    native, mega = _pair(dim, cfg, device)
-    x = torch.randn(1, tokens, dim, device=device).to(BF16)
-    x_n, x_m = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_n, route_n = native(x_n)
-    y_m, route_m = mega(x_m)
+    than experts, the idle experts' weight gradients must be exactly zero.
 
-    assert y_m.dtype == BF16 and y_m.shape == y_n.shape
+    precision: "bf16" (a bf16 model, as under ZeRO's bf16), "fp32" (fp32 weights and
+    activations: the megablocks backend casts the rows and expert weights to bf16 for
+    grouped_gemm and the gradients back), or "autocast" (fp32 weights, bf16 autocast: both
+    backends cast the tokens once before dispatch and return bf16)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision ({precision!r}) must be one of {PRECISIONS}")
+    cfg = MoEConfig(num_experts=num_experts, top_k=top_k, expert_hidden=hidden)
+    dtype = BF16 if precision == "bf16" else torch.float32
+    native, mega = _pair(dim, cfg, device, dtype)
+    x = torch.randn(1, tokens, dim, device=device).to(dtype)
+    x_n, x_m = x.clone().requires_grad_(), x.clone().requires_grad_()
+    autocast = torch.autocast(device, dtype=BF16, enabled=precision == "autocast")
+    with autocast:
+        y_n, route_n = native(x_n)
+    with autocast:
+        y_m, route_m = mega(x_m)
+
+    assert y_m.dtype == y_n.dtype == (torch.float32 if precision == "fp32" else BF16), (y_m.dtype, y_n.dtype)
+    assert y_m.shape == y_n.shape
     assert torch.equal(route_m.topk_idx_TK, route_n.topk_idx_TK)
     torch.testing.assert_close(route_m.aux_loss, route_n.aux_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(route_m.z_loss, route_n.z_loss, rtol=1e-6, atol=0)
@@ -81,6 +99,7 @@ def layer_equals_native(device: str, num_experts: int, top_k: int, tokens: int,
         assert idle.any()
     for name, p_n in native.experts.named_parameters():
         p_m = getattr(mega.experts, name)
+        assert p_m.grad.dtype == p_m.dtype == dtype, (name, p_m.grad.dtype, p_m.dtype)
         close(p_m.grad, p_n.grad, rel=3e-2, what=f"experts.{name} grad")
         assert (p_m.grad[idle] == 0).all(), f"experts.{name}: an idle expert has a gradient"
 

@@ -183,6 +183,7 @@ class MegaBlocksMoE(MoELayer):
         route = self.router(x_TD)
         run = (self._pipeline.parallel_forward_once if self._ep_size > 1
                else self._pipeline.grouped_forward_once)
-        # Combine weights stay fp32: MegaBlocks' scatter multiplies in fp32 whatever their dtype.
+        # Combine weights go in fp32 and MegaBlocks' scatter multiplies in fp32; under CUDA
+        # autocast its ops (stk's custom_fwd) first round them to bf16, as the native combine does.
         y_TD, _ = run(to_autocast_dtype(x_TD), route.topk_weight_TK, route.topk_idx_TK)
         return y_TD.view_as(x_BSD), route

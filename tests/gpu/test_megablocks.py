@@ -34,6 +34,12 @@ def test_layer_equals_native_bf16(num_experts, top_k, tokens):
     checks.layer_equals_native("cuda", num_experts, top_k, tokens)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "autocast"])
+def test_layer_with_fp32_weights_equals_native(precision):
+    """fp32 weights (train.precision fp32, or autocast's): grouped_gemm still computes in bf16."""
+    checks.layer_equals_native("cuda", 8, 2, 2048, precision=precision)
+
+
 def test_transformer_loss_and_gradients_equal_native_bf16():
     checks.transformer_equals_native("cuda")
 

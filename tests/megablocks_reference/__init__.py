@@ -6,9 +6,9 @@ What runs, and whose it is:
   grouped_gemm 0.3.0's Python (its autograd function and backward): unchanged, unpacked from
   the PyPI sdists that scripts/install_megablocks.sh verifies (`--prepare-only`, no build).
 - MegaBlocks' Triton kernels (gather, scatter, scatter_wgrad): unchanged, in Triton's
-  interpreter (TRITON_INTERPRET=1, Triton 3.6 as on the GPU machine), with each autotuned
-  kernel held to one configuration (the interpreter cannot time configurations; the result
-  does not depend on the block size).
+  interpreter (TRITON_INTERPRET=1), with each autotuned kernel held to one configuration (the
+  interpreter cannot time configurations; the result does not depend on the block size).
+  Triton 3.9: 3.6, the GPU machine's, fails in its interpreter on these kernels with numpy 2.
 - The two compiled extensions, `megablocks_ops` (radix sort, histogram, cumsums, replicate)
   and `grouped_gemm_backend` (the grouped GEMM): reference implementations in plain torch
   (extensions/ here), with the originals' argument checks and dtypes.
@@ -18,7 +18,7 @@ its __init__, call signatures, the weight layout, expert parallelism over our gr
 gradients land) is exercised on every `make test`. The compiled kernels are not: that is what
 tests/gpu/test_megablocks.py adds on a GPU.
 
-`make megablocks-reference` (a prerequisite of `make test`) prepares PREPARED; activate() puts
+`make megablocks-reference` (which `make test` runs first) prepares PREPARED; activate() puts
 it on sys.path. Call activate() in a process of its own (tests spawn one): it switches
 Triton to its interpreter for the whole process.
 """

@@ -19,6 +19,8 @@ def _check(cond: bool, what: str) -> None:
 def sort(x: torch.Tensor, end_bit: int, x_out: torch.Tensor, iota_out: torch.Tensor) -> None:
     """cub::DeviceRadixSort::SortPairs of (x, 0..n-1) on key bits [0, end_bit): stable."""
     _check(x.dim() == 1 and x.dtype in _INTS, f"sort takes a 1-d integer tensor, got {x.dtype} {tuple(x.shape)}")
+    for name, out in (("x_out", x_out), ("iota_out", iota_out)):
+        _check(out.dim() == 1 and out.dtype == x.dtype, f"sort's {name} must be 1-d {x.dtype}, got {out.dtype} {tuple(out.shape)}")
     key = x & ((1 << end_bit) - 1) if end_bit < torch.iinfo(x.dtype).bits else x
     order = torch.sort(key, stable=True).indices
     x_out.copy_(x[order])
@@ -61,7 +63,8 @@ def replicate_forward(x: torch.Tensor, bins: torch.Tensor, out: torch.Tensor) ->
     sizes = _bin_sizes(bins)
     _check(x.dim() == 2 and out.dim() == 2 and x.shape[0] == out.shape[0] and x.shape[1] == bins.numel(),
            f"replicate_forward shapes x {tuple(x.shape)} bins {tuple(bins.shape)} out {tuple(out.shape)}")
-    _check(out.dtype == x.dtype, f"replicate_forward dtypes {x.dtype} -> {out.dtype}")
+    _check(x.dtype in (torch.float16, torch.int16, torch.int32) and out.dtype == x.dtype,
+           f"replicate_forward takes float16, int16 or int32 and an output alike, got {x.dtype} -> {out.dtype}")
     _check(int(bins[-1]) <= out.shape[1], f"bins end at {int(bins[-1])} > {out.shape[1]} columns")
     out[:, : int(bins[-1])] = torch.repeat_interleave(x, sizes, dim=1)
 
@@ -71,5 +74,7 @@ def replicate_backward(grad: torch.Tensor, bins: torch.Tensor, out: torch.Tensor
     sizes = _bin_sizes(bins)
     _check(grad.dim() == 2 and out.dim() == 2 and grad.shape[0] == out.shape[0] and out.shape[1] == bins.numel(),
            f"replicate_backward shapes grad {tuple(grad.shape)} bins {tuple(bins.shape)} out {tuple(out.shape)}")
+    _check(grad.dtype == torch.float16 and out.dtype == torch.float16,
+           f"replicate_backward takes float16 only, got {grad.dtype} -> {out.dtype}")
     segment = torch.repeat_interleave(torch.arange(bins.numel(), device=grad.device), sizes)
     out.zero_().index_add_(1, segment, grad[:, : int(bins[-1])])
