@@ -51,7 +51,9 @@ def model_cost(model: ModelConfig, moe: MoEConfig, seq_len: int) -> ModelCost:
 
 # Dense bf16 peak of one device, in FLOP/s (vendor figures without sparsity). MFU on any other
 # device needs logging.peak_tflops.
-_PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12))
+# The first name that the device name contains wins: H100 PCIe and NVL before the SXM part.
+_PEAK_BF16 = (("H200", 989e12), ("H100 PCIE", 756e12), ("H100 NVL", 835e12), ("H100", 989e12),
+              ("A100", 312e12))
 
 
 def known_peak_flops(device_name: str) -> float | None:

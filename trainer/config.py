@@ -28,7 +28,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     """Final learning rate of the cosine decay, as a fraction of lr."""
     warmup_steps: int = 30
-    """Linear warmup steps from 0 to lr."""
+    """Linear warmup over this many steps: lr / warmup_steps at the first step, lr at the last."""
     weight_decay: float = 0.1
     """AdamW weight decay on matrices (norm gains are not decayed)."""
     beta1: float = 0.9

@@ -217,16 +217,26 @@ class Trainer:
     def fit(self) -> dict:
         """Train to cfg.steps. On SIGTERM/SIGUSR1 to any rank, every rank stops at the same
         step, saves a checkpoint and raises Preempted (after writing summary.json)."""
+        signals = StopSignals(self.device)
+        try:  # the handlers stay until the final checkpoint is written: they only set a flag
+            return self._fit(signals)
+        finally:
+            signals.restore()
+
+    def _fit(self, signals: StopSignals) -> dict:
         cfg, log_cfg, ck = self.cfg, self.job.logging, self.job.checkpoint
         bar = tqdm(total=cfg.steps, initial=self.step, dynamic_ncols=True,
                    disable=not (self.is_main and log_cfg.progress), desc="train", unit="step")
-        throughput, window, signals = Throughput(), _Window(), StopSignals(self.device)
-        timer = StepTimer()
+        throughput, window, timer = Throughput(), _Window(), StepTimer()
         start, eval_loss, scalars, stopped = time.perf_counter(), float("nan"), {}, None
         try:
             while self.step < cfg.steps:
                 began = time.perf_counter()
                 norm = self.train_step(window)
+                # On a GPU the step is only queued by now: wait for it, or the step time (and
+                # the MFU made from it) would count the launches, not the work.
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
                 timer.add(time.perf_counter() - began)
                 throughput.update(self.tokens_per_step)
                 bar.update(1)
@@ -237,20 +247,20 @@ class Trainer:
                     window = _Window()
                     bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
                                     tok_s=f"{scalars['train/tokens_per_s']:.0f}")
-                if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last:
-                    eval_loss = self.evaluate()
-                    self.metrics.scalars(self.step, {"eval/loss": eval_loss})
-                    self.history.append({"step": self.step, "eval_loss": eval_loss})
-                    if self.is_main:
-                        bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
-                if ck.interval and self.step % ck.interval == 0 and not (last and ck.save_final):
-                    self.save()
+                with throughput.excluded():  # the logged tokens/s and MFU are training's alone
+                    if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last:
+                        eval_loss = self.evaluate()
+                        self.metrics.scalars(self.step, {"eval/loss": eval_loss})
+                        self.history.append({"step": self.step, "eval_loss": eval_loss})
+                        if self.is_main:
+                            bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
+                    if ck.interval and self.step % ck.interval == 0 and not (last and ck.save_final):
+                        self.save()
                 self._maybe_crash()
                 if not last and signals.should_stop():
                     stopped = f"{signals.received or 'another rank'}'s stop signal at step {self.step}"
                     break
         finally:
-            signals.restore()
             bar.close()
         elapsed = time.perf_counter() - start
         summary = {"steps": self.step, "final_eval_loss": eval_loss,

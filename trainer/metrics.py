@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +238,8 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 class Throughput:
-    """Tokens per second over the window since the previous ``rate()`` call (or construction).
+    """Tokens per second of training over the window since the previous ``rate()`` call (or
+    construction), with the time spent inside ``excluded()`` (evaluation, checkpoints) left out.
 
     Windowed rather than cumulative so the logged value reflects current speed, not one
     diluted by start-up and compilation time.
@@ -246,14 +248,23 @@ class Throughput:
     def __init__(self) -> None:
         self._tokens = 0
         self._start = time.perf_counter()
+        self._excluded = 0.0
 
     def update(self, num_tokens: int) -> None:
         self._tokens += int(num_tokens)
 
+    @contextmanager
+    def excluded(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._excluded += time.perf_counter() - began
+
     def rate(self) -> float:
         now = time.perf_counter()
-        elapsed = now - self._start
-        tokens, self._tokens, self._start = self._tokens, 0, now
+        elapsed = now - self._start - self._excluded
+        tokens, self._tokens, self._start, self._excluded = self._tokens, 0, now, 0.0
         return tokens / elapsed if elapsed > 0 else 0.0
 
 

@@ -49,3 +49,34 @@ def test_grad_accumulation_equals_a_bigger_micro_batch(tmp_path):
             for name, want in big[rank][which].items():
                 got = accumulated[rank][which][name]
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"{name} ({which})")
+
+
+def _handlers_while_saving(rank, world, run_dir):
+    import signal
+
+    job = load_config(["--config", "configs/cpu_tiny.yaml", *SMALL, "--parallel.dp=1",
+                       "--parallel.ep=1", "--train.micro_batch_size=2", "--train.steps=2",
+                       "--train.eval_interval=0", "--train.eval_batches=1",
+                       "--checkpoint.save_final=true", f"--logging.run_dir={run_dir}"])
+    layout = job.validate(world)
+    tokens = torch.randint(0, 256, (20_000,), generator=torch.Generator().manual_seed(0))
+    corpus = Corpus(tokens.to(torch.uint8), tokens[:2000].to(torch.uint8), "random", 256)
+    trainer = Trainer(job, TransformerLM(job.model, job.moe), Topology.create(layout),
+                      torch.device("cpu"), rank_data(corpus, job.train, 256, 0, 1))
+    before = signal.getsignal(signal.SIGTERM)
+    during = []
+    save = trainer.save
+    trainer.save = lambda: (during.append(signal.getsignal(signal.SIGTERM)), save())[1]
+    summary = trainer.fit()
+    return (before, [getattr(h, "__qualname__", repr(h)) for h in during],
+            signal.getsignal(signal.SIGTERM), "checkpoint" in summary)
+
+
+@pytest.mark.distributed
+def test_stop_handlers_stay_installed_through_the_final_checkpoint(tmp_path):
+    """A second SIGTERM (Slurm's, then torchrun's copy) during the final save must only set the
+    stop flag, not kill the rank mid-write; after fit the previous handler is back."""
+    before, during, after, saved = run_distributed(_handlers_while_saving, 1, (str(tmp_path),),
+                                                   timeout_s=120)[0]
+    assert saved and during == ["StopSignals._handle"], during
+    assert after == before

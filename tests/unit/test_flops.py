@@ -54,6 +54,8 @@ def test_step_timer_leaves_out_the_warmup_steps():
 
 def test_peak_flops_needs_a_known_gpu_or_a_configured_figure():
     assert known_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert known_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert known_peak_flops("NVIDIA H100 NVL") == 835e12
     assert known_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
     assert known_peak_flops("Tesla T4") is None
     assert peak_flops(torch.device("cpu"), 0.0) is None

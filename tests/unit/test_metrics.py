@@ -142,6 +142,19 @@ def test_throughput_rate_positive_and_windowed():
     assert t.rate() == 0.0
 
 
+def test_throughput_leaves_out_the_excluded_time():
+    """Evaluation and checkpoints run inside excluded(): a 0.3 s evaluation must not show up
+    as a collapse of the next window's training tokens/s."""
+    t = Throughput()
+    t.update(1000)
+    with t.excluded():
+        time.sleep(0.3)
+    assert t.rate() > 1000 / 0.1
+    t.update(1000)
+    time.sleep(0.05)
+    assert t.rate() < 1000 / 0.05  # the exclusion went with its window
+
+
 def test_text_table_formats_scales_and_marks_missing_values():
     from trainer.metrics import text_table
 
