@@ -153,11 +153,12 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, stepper, topology: 
     error = None
     if topology.rank == 0:
         try:
-            commit(staging, final, _manifest(step, meta, results))
+            for note in commit(staging, final, _manifest(step, meta, results)):
+                print(f"warning: {note}", flush=True)
             for warning in retain(root, keep_last):
                 print(f"warning: {warning}", flush=True)
-        except (OSError, CheckpointError) as exc:
-            error = f"cannot commit {final}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks, not hang them
+            error = f"cannot commit {final}: {type(exc).__name__}: {exc}"
             shutil.rmtree(staging, ignore_errors=True)
     agree(error, f"committing checkpoint {final}")
     return final

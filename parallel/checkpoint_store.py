@@ -85,9 +85,10 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def commit(staging: Path, final: Path, manifest: dict[str, Any]) -> None:
+def commit(staging: Path, final: Path, manifest: dict[str, Any]) -> list[str]:
     """Manifest, then COMMIT, then the directory rename, then `latest`. A crash at any point
-    leaves either no new checkpoint or a complete one."""
+    leaves either no new checkpoint or a complete one. Checkpoints of later steps are set
+    aside first (see set_aside_later); returns what was set aside, as messages."""
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
     write_atomic(staging / MANIFEST, data)
     write_atomic(staging / COMMIT, hashlib.sha256(data).hexdigest().encode())
@@ -100,8 +101,32 @@ def commit(staging: Path, final: Path, manifest: dict[str, Any]) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, final)
+    notes = set_aside_later(final.parent, manifest["step"])
     _fsync_dir(final.parent)
     write_atomic(final.parent / LATEST, final.name.encode())
+    return notes
+
+
+def set_aside_later(root: Path, step: int) -> list[str]:
+    """Saving step N where later steps are committed rewrites the run's history: it resumed
+    from an older checkpoint (a rollback) or restarted into the same run dir. The later
+    checkpoints belong to the abandoned line; left in place, retention would prune the new
+    line's saves first (keep_last 1 deleted each new save at once) and resume=auto would go
+    back to the abandoned line. They are renamed, not deleted (step_M.superseded-by-N), so
+    nothing is lost and nothing reads them as checkpoints of this run."""
+    notes = []
+    for path in committed(root):  # newest step first
+        later = int(_STEP_DIR.match(path.name).group(1))
+        if later <= step:
+            break
+        aside = base = path.with_name(f"{path.name}.superseded-by-{step}")
+        n = 1
+        while aside.exists():  # the same rollback twice
+            aside, n = base.with_name(f"{base.name}.{n}"), n + 1
+        os.replace(path, aside)
+        notes.append(f"checkpoint {path.name} is later than step {step}, which was just saved: "
+                     f"set aside as {aside.name}")
+    return notes
 
 
 def committed(root: Path) -> list[Path]:
@@ -294,7 +319,8 @@ def resolve(spec: str, root: Path) -> tuple[Checkpoint | None, list[str]]:
         path = Path(spec)
         if path.is_dir() and not (path / MANIFEST).exists() and not (path / COMMIT).exists():
             latest = path / LATEST  # a checkpoints folder: its latest, else its newest
-            inside = [path / latest.read_text().strip()] if latest.is_file() else committed(path)
+            named = path / latest.read_text().strip() if latest.is_file() else None
+            inside = [named] if named and (named / COMMIT).is_file() else committed(path)
             if not inside and not any(path.glob("shard_*.pt")):
                 raise CheckpointError(f"{path} holds no committed checkpoint")
             path = inside[0] if inside else path

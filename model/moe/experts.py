@@ -91,6 +91,12 @@ class SwiGLUExperts(nn.Module):
                 f"num_experts ({self.num_global_experts}) must be divisible by the "
                 f"expert-parallel size ({size})"
             )
+        if self.num_local_experts != self.num_global_experts:
+            raise RuntimeError(
+                f"the experts are sharded already ({self.num_local_experts} of "
+                f"{self.num_global_experts} from expert {self.expert_offset}): shard_ takes the "
+                "unsharded layer"
+            )
         per_rank = self.num_global_experts // size
         start = rank * per_rank
         for name in ("w1_EDF", "w3_EDF", "w2_EFD"):

@@ -18,7 +18,10 @@ import parallel.checkpoint as checkpoint
 from launcher.config import load_config
 from launcher.train import check_fits
 from parallel.checkpoint_store import (
+    LATEST,
+    MANIFEST,
     CheckpointError,
+    commit,
     committed,
     open_checkpoint,
     resolve,
@@ -216,6 +219,31 @@ def test_retention_keeps_the_newest_and_never_fails(copy, monkeypatch):
     warnings = retain(copy, 1)
     assert len(warnings) == 1 and "step_00000002" in warnings[0]
     assert committed(copy)[0].name == "step_00000003"
+
+
+@pytest.mark.distributed
+def test_saving_an_older_step_sets_the_later_ones_aside(copy):
+    """A run resumed from step 1 (a rollback) saves step 1 again while step 2 is committed:
+    step 2 is set aside, so retention keeps the new save (keep_last 1 used to delete it at
+    once, leaving `latest` naming nothing) and resume=auto does not go back to step 2."""
+    import json
+
+    staging = copy / "step_00000001.partial"
+    shutil.copytree(copy / "step_00000001", staging)
+    notes = commit(staging, copy / "step_00000001", json.loads((staging / MANIFEST).read_text()))
+    assert notes == ["checkpoint step_00000002 is later than step 1, which was just saved: "
+                     "set aside as step_00000002.superseded-by-1"]
+    assert [p.name for p in committed(copy)] == ["step_00000001"]
+    assert (copy / "step_00000002.superseded-by-1" / "COMMIT").is_file()  # nothing deleted
+    assert retain(copy, 1) == [] and (copy / LATEST).read_text() == "step_00000001"
+    assert resolve(str(copy), copy)[0].path.name == "step_00000001"
+    assert resolve("auto", copy)[0].path.name == "step_00000001"
+
+
+@pytest.mark.distributed
+def test_a_folder_whose_latest_names_nothing_resolves_to_its_newest(copy):
+    (copy / LATEST).write_text("step_00000009")
+    assert resolve(str(copy), copy)[0].path.name == "step_00000002"
 
 
 @pytest.mark.distributed

@@ -107,6 +107,9 @@ def test_shard_keeps_a_contiguous_slice_and_rejects_bad_sizes():
     torch.testing.assert_close(ex.w1_EDF.detach(), full[4:6])
     with pytest.raises(ValueError, match=r"num_experts \(6\) must be divisible by the expert-parallel size \(4\)"):
         SwiGLUExperts(6, D, F).shard_(0, 4)
+    # A second shard_ would slice the slice (empty experts on rank >= 1): refused.
+    with pytest.raises(RuntimeError, match=r"sharded already \(2 of 8 from expert 4\)"):
+        ex.shard_(rank=1, size=4)
 
 
 @pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
