@@ -113,6 +113,16 @@ class DeepSpeedMoE(MoELayer):
                              num_local_experts=cfg.num_experts)
 
     def set_expert_parallel(self, comm: ExpertComm) -> None:
+        # DeepSpeed's MoE layer reads the tensor-parallel size from its module-global `mpu`,
+        # which the last ZeRO engine built in this process set. This layer runs at tp 1; an
+        # mpu left by an earlier model at tp 2 (two models built in one process, as in
+        # test_reshard.py) made it drop and gather tokens over that model's tp group. A ZeRO
+        # engine for this model sets its own (tp 1) afterwards.
+        from deepspeed.utils import groups
+        from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
+
+        if groups.mpu is not None and bwc_tensor_model_parallel_world_size(groups.mpu) != 1:
+            groups.mpu = None
         if comm.size == 1:
             return
         # DeepSpeed's collectives go through deepspeed.comm, which wraps our existing group.

@@ -29,6 +29,8 @@ CASES = [
     ("dp4_ep2_zero2", "dp2_ep2_zero1"),  # dp 4 with ZeRO-2 -> dp 2 with ZeRO-1 (4 -> 2 processes)
     ("dp2_tp2_ep2", "dp4_ep4"),  # tp 2 x ep 2 -> tp 1 x ep 4
     ("dp2_tp2_ep2_zero2", "dp4_ep4_zero1"),  # the same with ZeRO on both sides
+    ("dp4_ep4", "dp2_tp2_ep2"),  # tp 1 -> tp 2: attention and dense FFNs split on load
+    ("dp4_ep2_zero2", "dp2_tp2_ep2_zero2"),  # the same into DeepSpeed's partitions
     ("dp4_ep4", "dp4_ep2_deepspeed"),  # native -> deepspeed backend
 ]
 
