@@ -227,7 +227,8 @@ def check_fit(ckpt: Checkpoint, params: list[Shard]) -> None:
 def load_checkpoint(ckpt: Checkpoint, model: nn.Module, stepper, topology: Topology) -> dict[str, Any]:
     """Load model, optimizer state and this rank's RNG state from a checkpoint written under
     any layout. Collective. Stage 1 reads and checks everything into new tensors; if any rank
-    failed, every rank raises and nothing was changed; stage 2 copies. Returns the metadata,
+    failed, every rank raises and nothing was changed; stage 2 copies (a failure there is
+    reported on every rank too, though it may have copied some). Returns the metadata,
     with "rng_restored" saying whether this rank got its own saved RNG state back."""
     error, apply = None, []
     meta = dict(ckpt.meta)
@@ -247,8 +248,17 @@ def load_checkpoint(ckpt: Checkpoint, model: nn.Module, stepper, topology: Topol
     except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks, not hang them
         error = f"{type(exc).__name__}: {exc}"
     agree(error, f"loading checkpoint {ckpt.path}")
-    for fn in apply:
-        fn()
+    # Stage 2 copies into tensors that exist already, so it should not fail; if it does on one
+    # rank (out of memory on a device copy, say), every rank learns it here, instead of the
+    # others going on into training's collectives and timing out there.
+    error = None
+    try:
+        for fn in apply:
+            fn()
+    except Exception as exc:  # noqa: BLE001 - any failure must reach the other ranks, not hang them
+        error = (f"{type(exc).__name__}: {exc} (while copying the loaded state in: this rank's "
+                 "model and optimizer may be partly loaded)")
+    agree(error, f"installing checkpoint {ckpt.path}")
     return meta
 
 

@@ -184,6 +184,28 @@ def test_a_load_that_fails_on_one_rank_changes_nothing_on_any_rank(copy, tmp_pat
     assert "rank(s) [1]" in messages[0] and "shard_00001.pt is corrupted" in messages[0]
 
 
+def _install_fails_on_rank_1(rank, world, run_dir, ckpt_dir):
+    trainer = make_trainer(rank, run_dir, "dp2_ep2")
+    if rank == 1:
+        def out_of_memory(staged):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        checkpoint._copy_params = out_of_memory
+    with pytest.raises(CheckpointError) as err:
+        trainer.resume(open_checkpoint(ckpt_dir))
+    return str(err.value)
+
+
+@pytest.mark.distributed
+def test_a_copy_failing_on_one_rank_after_the_checks_fails_every_rank(copy, tmp_path):
+    """Every file checked out, then rank 1's copy into its parameters fails: every rank raises
+    the same error at once, instead of rank 0 going on into training and timing out there."""
+    messages = run_distributed(_install_fails_on_rank_1, 2,
+                               (str(tmp_path / "run"), str(copy / "step_00000002")), timeout_s=180)
+    assert messages[0] == messages[1]
+    assert "installing checkpoint" in messages[0] and "rank(s) [1]" in messages[0]
+    assert "CUDA out of memory (simulated)" in messages[0]
+
+
 def _write_fails_on_rank_2(rank, world, run_dir):
     trainer = make_trainer(rank, run_dir, "dp4_ep2")
     step_losses(trainer)
