@@ -62,7 +62,11 @@ def run_backend(backend: str, args, extra: list[str], out: Path) -> dict:
     with open(run_dir / "launch.log", "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        try:  # a hung run (a stuck collective) must not take the whole GPU session with it
+            code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = f"timeout after {args.timeout} s"
     summary = read_summary(run_dir)
     if code or summary is None:
         path, tail = log_tail(run_dir, 12)
@@ -90,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, help="per device, for MFU where the GPU is not known")
     parser.add_argument("--smoke", action="store_true", help="a few steps of a small model on CPU")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per backend's run before it is killed (default: none)")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="-- then more launcher.train overrides")
     args = parser.parse_args(argv)
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
@@ -100,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     args.config = args.config or "configs/gpu_moe_1b.yaml"
     args.steps = args.steps or 300
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
     for backend in args.backend:
         print(f"{backend}: {args.steps} steps of {args.config} ...", file=sys.stderr, flush=True)
         rows.append(run_backend(backend, args, extra, args.out))
+        (args.out / "e2e.json").write_text(json.dumps({"config": args.config, "steps": args.steps,
+                                                       "extra": extra, "rows": rows}, indent=1))
     print(text_table(rows, E2E_COLUMNS))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "e2e.json").write_text(json.dumps({"config": args.config, "steps": args.steps,
-                                                   "extra": extra, "rows": rows}, indent=1))
     print(f"wrote {args.out / 'e2e.json'}")
     return 1 if any(r["status"].startswith("failed") for r in rows) else 0
 

@@ -85,13 +85,25 @@ def routed_inputs(D: int, E: int, T: int, routing: str, device, dtype, seed: int
     return x.to(device, dtype), w
 
 
-def build(backend: str, D: int, F_: int, E: int, K: int, router_w, device, dtype):
-    """A layer (or the dense reference) with the same canonical weights for every backend."""
+def canonical_weights(D: int, F_: int, E: int, device, dtype, seed: int = 1) -> dict:
+    """The expert weights every backend row loads (and the dense reference's three matrices),
+    drawn once per shape on the device from their own generator: no backend's construction
+    can shift them (DeepSpeed's gate draws an nn.Linear from the global generator), and the
+    mixtral-like experts (1.4e9 values) are not drawn on the host once per row."""
+    g = torch.Generator(device).manual_seed(seed)
+
+    def draw(*shape, fan_in):
+        return (torch.randn(*shape, generator=g, device=device) * fan_in ** -0.5).to(dtype)
+
+    return {"w1_EDF": draw(E, D, F_, fan_in=D), "w3_EDF": draw(E, D, F_, fan_in=D),
+            "w2_EFD": draw(E, F_, D, fan_in=F_),
+            "dense": [draw(D, F_, fan_in=D), draw(D, F_, fan_in=D), draw(F_, D, fan_in=F_)]}
+
+
+def build(backend: str, D: int, F_: int, E: int, K: int, router_w, weights: dict, device, dtype):
+    """A layer (or the dense reference) holding `weights` (canonical_weights) and `router_w`."""
     if backend == "dense":
-        g = torch.Generator().manual_seed(1)
-        ws = [torch.randn(D, F_, generator=g) * D ** -0.5, torch.randn(D, F_, generator=g) * D ** -0.5,
-              torch.randn(F_, D, generator=g) * F_ ** -0.5]
-        return [w.to(device, dtype).requires_grad_() for w in ws]
+        return [w.clone().requires_grad_() for w in weights["dense"]]
     kw = {"num_experts": E, "top_k": K, "expert_hidden": F_}
     if backend == "native":
         cfg = MoEConfig(**kw)
@@ -105,14 +117,13 @@ def build(backend: str, D: int, F_: int, E: int, K: int, router_w, device, dtype
                         eval_capacity_factor=factor, drop_tokens=True)
     else:
         raise ValueError(f"backend ({backend!r}) must be one of {BACKENDS}")
-    torch.manual_seed(1)
-    layer = build_moe(D, cfg)
+    with torch.device(device):  # allocated where it runs, not on the host first
+        layer = build_moe(D, cfg).to(dtype)
     with torch.no_grad():
         layer.router.weight.copy_(router_w)
-        for name in ("w1_EDF", "w3_EDF"):
-            getattr(layer.experts, name).normal_(0, D ** -0.5)
-        layer.experts.w2_EFD.normal_(0, F_ ** -0.5)
-    return layer.to(device, dtype)
+        for name in ("w1_EDF", "w3_EDF", "w2_EFD"):
+            getattr(layer.experts, name).copy_(weights[name])
+    return layer
 
 
 def unavailable(backend: str, device: torch.device) -> str | None:
@@ -172,6 +183,7 @@ def count_forward_syncs(backend: str, layer, x, K: int) -> int | None:
 def profile_ops(backend: str, layer, x, K: int, grad, steps: int = 2, top: int = 12) -> list[dict]:
     """Where one step's time goes: the `top` operations by their own time on the device (CPU
     time on a CPU), per step, with their share of the total. For tuning, not for comparing."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = x.device.type == "cuda"
@@ -181,15 +193,19 @@ def profile_ops(backend: str, layer, x, K: int, grad, steps: int = 2, top: int =
             step_fn(backend, layer, x, K, grad)
         _sync(x.device)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
-    total = sum(getattr(e, key) for e in events) or 1.0
+    averages = prof.key_averages()
+    # On CUDA both an operation and the kernels it launched carry the kernels' device time:
+    # the total is the kernels' (as torch's own table sums it), the ranking is by operation.
+    events = [e for e in averages if getattr(e, key) > 0 and e.device_type == DeviceType.CPU]
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA] if cuda else events
+    total = sum(getattr(e, key) for e in kernels) or 1.0
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     return [{"op": e.key, "ms_per_step": getattr(e, key) / 1e3 / steps,
              "share": getattr(e, key) / total, "calls_per_step": e.count / steps}
             for e in events[:top]]
 
 
-def measure(backend, shape, routing, device, dtype, iters: int, warmup: int,
+def measure(backend, shape, routing, weights, device, dtype, iters: int, warmup: int,
             profile: bool = False) -> dict:
     D, F_, E, K, T = shape
     out = {"backend": backend, "flops": flops(D, F_, K, T)}
@@ -197,9 +213,12 @@ def measure(backend, shape, routing, device, dtype, iters: int, warmup: int,
     if why:
         return out | {"skipped": why}
     x, router_w = routed_inputs(D, E, T, routing, device, dtype)
+    # Inside a model the layer's input needs its gradient: without it backward skips the
+    # input-gradient GEMMs (18 T K D F counts them) and every backend's un-permute backward.
+    x.requires_grad_()
     grad = torch.randn(T, D, generator=torch.Generator().manual_seed(2)).to(device, dtype)
-    layer = build(backend, D, F_, E, K, router_w, device, dtype)
-    params = layer if backend == "dense" else list(layer.parameters())
+    layer = build(backend, D, F_, E, K, router_w, weights, device, dtype)
+    params = (layer if backend == "dense" else list(layer.parameters())) + [x]
     route = None
     for _ in range(warmup):
         route = step_fn(backend, layer, x, K, grad)
@@ -252,16 +271,29 @@ def _init_single_process(device: torch.device) -> None:
 
 
 def run(shapes: dict, routings, backends, device, dtype, iters, warmup, progress=print,
-        profile=()) -> dict:
+        profile=(), on_result=None) -> dict:
+    """Every (shape, routing, backend). A backend that raises (out of memory, a missing
+    package) becomes a row with its error; `on_result(report)` gets the report so far after
+    each (shape, routing), so a run cut short still leaves what it measured."""
     _init_single_process(device)
     results = []
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": str(dtype).removeprefix("torch."),
+              "iters": iters, "warmup": warmup, "results": results}
     for name, shape in shapes.items():
+        D, F_, E, K, T = shape
+        weights = canonical_weights(D, F_, E, device, dtype)
         for routing in routings:
             rows = []
             for backend in backends:
                 progress(f"{name} {routing} {backend} ...")
-                rows.append(measure(backend, shape, routing, device, dtype, iters, warmup,
-                                    profile=backend in profile))
+                try:
+                    rows.append(measure(backend, shape, routing, weights, device, dtype, iters,
+                                        warmup, profile=backend in profile))
+                except Exception as exc:  # noqa: BLE001 - one backend's failure is its row
+                    rows.append({"backend": backend, "flops": flops(D, F_, K, T),
+                                 "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+                    progress(f"{name} {routing} {backend}: {rows[-1]['error']}")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             by = {r["backend"]: r for r in rows}
@@ -269,12 +301,12 @@ def run(shapes: dict, routings, backends, device, dtype, iters, warmup, progress
                 for ref in ("dense", "megablocks"):
                     if "tflops" in r and "tflops" in by.get(ref, {}):
                         r[f"vs_{ref}"] = r["tflops"] / by[ref]["tflops"]
-            D, F_, E, K, T = shape
             results.append({"shape": name, "hidden": D, "expert_ffn": F_, "experts": E, "top_k": K,
                             "tokens": T, "routing": routing, "rows": rows})
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": str(dtype).removeprefix("torch."),
-            "iters": iters, "warmup": warmup, "results": results}
+            if on_result:
+                on_result(report)
+        del weights
+    return report
 
 
 LAYER_COLUMNS = [("backend", "backend", "{}", 15), ("ms", "time_ms", "{:.2f}", 9),
@@ -283,7 +315,7 @@ LAYER_COLUMNS = [("backend", "backend", "{}", 15), ("ms", "time_ms", "{:.2f}", 9
                  ("+GiB", "peak_above_start_gib", "{:.2f}", 7), ("syncs", "forward_host_syncs", "{}", 6),
                  ("sync ops", "sync_ops", "{}", 9), ("saved MiB", "saved_mib", "{:.1f}", 10),
                  ("max/mean", "max_over_mean_load", "{:.2f}", 9), ("dropped", "dropped_fraction", "{:.3f}", 8),
-                 ("  skipped", "skipped", "  {}", 0)]
+                 ("  skipped", "skipped", "  {}", 0), ("  error", "error", "  {}", 0)]
 
 
 PROFILE_COLUMNS = [("  operation", "op", "  {}", 40), ("ms/step", "ms_per_step", "{:.3f}", 9),
@@ -329,13 +361,13 @@ def main(argv: list[str] | None = None) -> int:
         shapes = {s: shapes[s] for s in args.shape}
     iters = args.iters or (2 if args.smoke else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
-    report = run(shapes, args.routing, args.backend, device, dtype, iters, warmup,
-                 progress=lambda m: print(m, file=sys.stderr, flush=True), profile=args.profile)
-    print(table(report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    report = run(shapes, args.routing, args.backend, device, dtype, iters, warmup,
+                 progress=lambda m: print(m, file=sys.stderr, flush=True), profile=args.profile,
+                 on_result=lambda r: args.out.write_text(json.dumps(r, indent=1)))
+    print(table(report))
     print(f"\nwrote {args.out}")
-    return 0
+    return 1 if any("error" in row for res in report["results"] for row in res["rows"]) else 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,10 +123,14 @@ def _split_args(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --moe.top_k=2")
         key, eq, value = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"{arg} needs a value")
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"{arg} needs a value" + (f", not the flag {argv[i + 1]}"
+                                                            if i + 1 < len(argv) else ""))
             value, i = argv[i + 1], i + 1
         if key == "config":
+            if path is not None:
+                raise ConfigError(f"--config given twice ({path}, then {value}): one file, "
+                                  "then --section.key=value overrides")
             path = value
         else:
             overrides.append((key, value))
@@ -170,13 +175,15 @@ def _coerce(dotted: str, value: Any, hint: Any, from_cli: bool) -> Any:
         return value
     if base is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if base is float and isinstance(value, str):  # YAML 1.1 reads "3e-3" as a string
-        try:
-            return float(value)
+    if base is float and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "3e-3" as a string
+            number = float(value) if isinstance(value, (int, float, str)) else None
         except ValueError:
-            pass
+            number = None
+        if number is not None:
+            if not math.isfinite(number):  # nan or inf would train on, silently, or fail late
+                raise ConfigError(f"{dotted} must be a finite number, got {value!r}")
+            return number
     if base is str and isinstance(value, str):
         return value
     raise ConfigError(f"{dotted} must be {_KIND[base]}, got {value!r} ({type(value).__name__})")

@@ -75,8 +75,11 @@ class MoEConfig:
     """Hidden size of each SwiGLU expert."""
     every_n_layers: int = 1
     """Blocks i with (i + 1) % every_n_layers == 0 use an MoE FFN; 1 = every block, 0 = none."""
-    renormalize: bool = True
-    """Rescale each token's top-k router probabilities to sum to 1."""
+    renormalize: bool | None = None
+    """Rescale each token's top-k router probabilities to sum to 1. None (the default): when
+    top_k > 1. At top_k 1 renormalising makes every combine weight exactly 1, so the router
+    would learn from the aux loss only (Switch weights by the probability itself); true is
+    refused there."""
     aux_loss_coef: float = 0.01
     """Coefficient of the load-balancing loss (Switch/GShard form; 1.0 when perfectly balanced)."""
     z_loss_coef: float = 0.001
@@ -121,6 +124,11 @@ class MoEConfig:
                 f"moe.aux_loss_coef ({self.aux_loss_coef}) and moe.z_loss_coef "
                 f"({self.z_loss_coef}) must be >= 0"
             )
+        if self.renormalize and self.top_k == 1:
+            raise ConfigError(
+                "moe.renormalize true with moe.top_k 1 makes every combine weight exactly 1: the "
+                "router would get no gradient from the loss; leave moe.renormalize unset (null)"
+            )
         check_choice("moe.backend", self.backend, MOE_BACKENDS)
         check_choice("moe.expert_impl", self.expert_impl, EXPERT_IMPLS)
         check_choice("moe.noisy_gate_policy", self.noisy_gate_policy, NOISY_GATE_POLICIES)
@@ -149,12 +157,17 @@ class MoEConfig:
                 + (" and deterministic" if self.backend == "native" else "")
             )
 
+    @property
+    def renormalizes(self) -> bool:
+        """moe.renormalize with its default resolved: whether top-k weights are rescaled."""
+        return self.top_k > 1 if self.renormalize is None else self.renormalize
+
     def _validate_deepspeed(self) -> None:
         # DeepSpeed renormalises the k weights for top_k >= 2 and never for top_k 1.
-        if self.renormalize != (self.top_k > 1):
+        if self.renormalizes != (self.top_k > 1):
             raise ConfigError(
                 f"moe.backend deepspeed with moe.top_k {self.top_k} always uses "
-                f"renormalize={self.top_k > 1}; set moe.renormalize={str(self.top_k > 1).lower()}"
+                f"renormalize={self.top_k > 1}; leave moe.renormalize unset (null)"
             )
         if self.noisy_gate_policy == "rsample" and self.top_k != 1:
             raise ConfigError(f"moe.noisy_gate_policy rsample needs moe.top_k 1, not {self.top_k}")

@@ -5,7 +5,8 @@
 #   scripts/gpu_session.sh test        # tests/gpu, then the CPU efficiency tests on the GPU's torch
 #   scripts/gpu_session.sh layer       # benchmarks/moe_layer.py: both shapes x routings, every backend,
 #                                      # and where native's step time goes (--profile native)
-#   scripts/gpu_session.sh e2e [STEPS] # benchmarks/e2e.py on configs/gpu_moe_1b.yaml (default 100 steps)
+#   scripts/gpu_session.sh e2e [STEPS] [-- OVERRIDES]  # benchmarks/e2e.py on configs/gpu_moe_1b.yaml
+#                                      # (default 100 steps), e.g. e2e 100 -- --train.compile=true
 #
 # Before the first call, on the machine with network: copy ../shared/gpu/wheels/* into
 # .gpu_wheels/ (git-ignored) and name .gpu_wheels in the call's carry. Every step first puts
@@ -66,10 +67,12 @@ case "$STEP" in
         ;;
     e2e)
         setup
-        python3 benchmarks/e2e.py --steps "${2:-100}" --out "$OUT/e2e" 2>&1 | tee "$OUT/e2e.txt"
+        # 180 s per backend at most: three backends stay inside one 10-minute call
+        python3 benchmarks/e2e.py --steps "${2:-100}" --timeout 180 --out "$OUT/e2e" "${@:3}" 2>&1 \
+            | tee "$OUT/e2e.txt"
         ;;
     *)
-        sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+        sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
         exit 2
         ;;
 esac

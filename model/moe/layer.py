@@ -40,7 +40,7 @@ class MoELayer(nn.Module, ABC):
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
         self.num_experts = cfg.num_experts
-        self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.renormalize)
+        self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.renormalizes)
         self.experts = SwiGLUExperts(cfg.num_experts, dim, cfg.expert_hidden, cfg.expert_impl)
         self.tp: TensorParallelComm = LocalTP()
 

@@ -35,6 +35,10 @@ def test_cli_values_parse_by_declared_type():
     (["--train.steps=null"], r"train.steps must be an integer, got null"),
     (["stray"], r"unexpected argument 'stray'"),
     (["--config", "nope.yaml"], r"config file nope.yaml does not exist"),
+    (["--train.lr=nan"], r"train.lr must be a finite number, got nan"),
+    (["--parallel.timeout_s", "inf"], r"parallel.timeout_s must be a finite number, got inf"),
+    (["--logging.run_dir", "--train.steps=5"], r"--logging.run_dir needs a value, not the flag --train.steps=5"),
+    (["--config", "a.yaml", "--config", "b.yaml"], r"--config given twice \(a.yaml, then b.yaml\)"),
 ])
 def test_bad_cli_input_is_named(args, message):
     with pytest.raises(ConfigError, match=message):
@@ -69,8 +73,10 @@ def test_yaml_unknown_key_and_wrong_type(tmp_path):
     (["--moe.backend=fast"], 4, r"moe.backend \('fast'\) must be one of: native, deepspeed, megablocks$"),
     (["--moe.capacity_factor=2"], 4,
      r"moe.capacity_factor \(2.0\) applies only to moe.backend deepspeed; the native backend is dropless"),
-    (["--moe.backend=deepspeed", "--moe.top_k=1"], 4,
-     r"moe.backend deepspeed with moe.top_k 1 always uses renormalize=False; set moe.renormalize=false"),
+    (["--moe.top_k=1", "--moe.renormalize=true"], 4,
+     r"moe.renormalize true with moe.top_k 1 makes every combine weight exactly 1: the router would get no gradient"),
+    (["--moe.backend=deepspeed", "--moe.top_k=2", "--moe.renormalize=false"], 4,
+     r"moe.backend deepspeed with moe.top_k 2 always uses renormalize=True; leave moe.renormalize unset"),
     (["--moe.backend=deepspeed", "--moe.noisy_gate_policy=rsample"], 4,
      r"moe.noisy_gate_policy rsample needs moe.top_k 1, not 2"),
     (["--moe.backend=deepspeed", "--parallel.dp=2", "--parallel.tp=2", "--parallel.ep=2"], 4,
