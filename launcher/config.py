@@ -96,7 +96,8 @@ class JobConfig:
 
 
 def load_config(argv: list[str]) -> JobConfig:
-    """`--config FILE` (optional) then `--section.key=value` overrides, applied in order."""
+    """`--config FILE` (optional; of several, the last) then `--section.key=value` overrides,
+    applied in order."""
     path, overrides = _split_args(argv)
     job = JobConfig()
     if path is not None:
@@ -127,10 +128,7 @@ def _split_args(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
                 raise ConfigError(f"{arg} needs a value" + (f", not the flag {argv[i + 1]}"
                                                             if i + 1 < len(argv) else ""))
             value, i = argv[i + 1], i + 1
-        if key == "config":
-            if path is not None:
-                raise ConfigError(f"--config given twice ({path}, then {value}): one file, "
-                                  "then --section.key=value overrides")
+        if key == "config":  # the last one wins: a template's default, then the user's
             path = value
         else:
             overrides.append((key, value))

@@ -74,22 +74,34 @@ def read_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     torchrun wins over Slurm because a torchrun started inside an srun step sees both, and it
     is torchrun that spawned this process. A torchrun rank variable without the rest is an
     error, not a silent fallback: a half-set environment means a broken launch. Slurm is
-    recognised by SLURM_PROCID, set per task by srun; a bare ``python`` in an sbatch script
-    (no srun) is not a task launch and would wait for peers that never come.
+    recognised by SLURM_PROCID with SLURM_STEP_ID, set per task by srun; a bare ``python`` in
+    an sbatch script (no srun) is not a task launch and would wait for peers that never come:
+    refused when the job has several tasks, a world of one otherwise.
     """
     env = os.environ if environ is None else environ
     if any(v in env for v in TORCHRUN_VARS[:4]):
-        missing = [v for v in TORCHRUN_VARS if v not in env]
+        # LOCAL_WORLD_SIZE may be missing: wrappers that set the rest for srun tasks (NVIDIA's
+        # pyxis hook, many site scripts) leave it out; it only bounds LOCAL_RANK.
+        missing = [v for v in TORCHRUN_VARS if v not in env and v != "LOCAL_WORLD_SIZE"]
         if missing:
             present = ", ".join(f"{v}={env[v]!r}" for v in TORCHRUN_VARS if v in env)
             raise ConfigError(f"incomplete launcher environment: {present} set but "
                               f"{', '.join(missing)} missing")
-        values = (_int(env, "RANK"), _int(env, "WORLD_SIZE", 1), _int(env, "LOCAL_RANK"),
-                  _int(env, "LOCAL_WORLD_SIZE", 1))
+        world = _int(env, "WORLD_SIZE", 1)
+        values = (_int(env, "RANK"), world, _int(env, "LOCAL_RANK"),
+                  _int(env, "LOCAL_WORLD_SIZE", 1) if "LOCAL_WORLD_SIZE" in env else world)
         return _checked(values, ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
                         env["MASTER_ADDR"], _int(env, "MASTER_PORT"), "torchrun")
     if "SLURM_PROCID" in env:
-        return _read_slurm(env)
+        # srun sets SLURM_STEP_ID for its tasks; the batch script itself has SLURM_PROCID 0
+        # and the job's SLURM_NTASKS too, but it is one process, not rank 0 of them.
+        if "SLURM_STEP_ID" in env or "SLURM_STEPID" in env:
+            return _read_slurm(env)
+        if env.get("SLURM_NTASKS", "1") != "1":
+            raise ConfigError(
+                f"SLURM_NTASKS={env['SLURM_NTASKS']} but no SLURM_STEP_ID: this is the batch "
+                "script itself, not a task srun started; start the ranks with srun "
+                "(slurm/train.sbatch) or torchrun per node (slurm/train_torchrun.sbatch)")
     return DistEnv(0, 0, 1, 1, "127.0.0.1", NOMINAL_PORT, "single")
 
 
@@ -233,10 +245,26 @@ def check_moe_backend(moe_backend: str, backend: str, cuda_available: bool | Non
         raise ConfigError(f"moe.backend megablocks: {exc}") from None
 
 
+def gpu_index(local_rank: int, count: int | None = None) -> int:
+    """The GPU this process trains on: its local rank among the GPUs it sees, or the only one
+    it sees (srun --gpus-per-task=1 or --gpu-bind give each task one GPU, visible as cuda:0).
+    More processes on a node than visible GPUs is a config error naming both numbers."""
+    count = torch.cuda.device_count() if count is None else count
+    if count == 1:
+        return 0
+    if local_rank < count:
+        return local_rank
+    raise ConfigError(
+        f"local rank {local_rank} needs a GPU of its own, but this process sees {count} "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): start at most "
+        f"{count} processes per node, or give each task its own GPU"
+    )
+
+
 def device_for(backend: str, local_rank: int) -> torch.device:
-    """NCCL means one GPU per process, picked by local rank; gloo here means CPU training."""
+    """NCCL means one GPU per process (gpu_index); gloo here means CPU training."""
     check_choice("backend", backend, ("nccl", "gloo"))
-    return torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    return torch.device("cuda", gpu_index(local_rank)) if backend == "nccl" else torch.device("cpu")
 
 
 def init_distributed(env: DistEnv, backend: str, timeout_s: float) -> None:
@@ -254,7 +282,7 @@ def init_distributed(env: DistEnv, backend: str, timeout_s: float) -> None:
         raise ConfigError(f"timeout_s ({timeout_s}) must be > 0")
     timeout = datetime.timedelta(seconds=timeout_s)
     if backend == "nccl":
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(gpu_index(env.local_rank))
     if env.is_distributed:
         dist.init_process_group(backend, store=_store(env, timeout), rank=env.rank,
                                 world_size=env.world_size, timeout=timeout)

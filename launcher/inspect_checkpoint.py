@@ -29,6 +29,9 @@ def describe(path: str, show_tensors: bool = True) -> tuple[str, bool]:
         ckpt, _ = resolve(path, Path(path))
     except CheckpointError as exc:
         return f"not a usable checkpoint: {exc}", False
+    if ckpt is None:  # "auto" resolves against a run dir: name the checkpoint or its folder
+        return (f"not a usable checkpoint: {path!r} names no checkpoint (give a checkpoint "
+                "directory or a checkpoints/ folder)"), False
     meta, lay = ckpt.meta, ckpt.meta.get("layout", {})
     files = ckpt.manifest["files"]
     kinds = {k: sum(n.startswith(k + "/") for n in ckpt.tensors) for k in ("model", "master", "optim")}

@@ -1,7 +1,7 @@
 """Simulate an N-node x M-process job on one machine: one torchrun agent per simulated node.
 
     python -m launcher.simulate --nodes 2 --nproc-per-node 2 -- --config configs/cpu_tiny.yaml
-    make simulate NODES=2 NPROC=2 ARGS="--train.steps=20"
+    make simulate NODES=2 PER_NODE=2 ARGS="--train.steps=20"
 
 Each agent runs with its own --node-rank and spawns local ranks 0..M-1, and all of them meet at
 one static rendezvous on 127.0.0.1 (standing for the first host of a real allocation), exactly

@@ -143,9 +143,17 @@ def _ep(ep: str, dp: int, base: JobConfig) -> int:
     return value
 
 
-def _key(point: Point) -> list[str]:
-    """A point's arguments without its run dir: equal keys are the same experiment."""
-    return [a for a in point.args if not a.startswith("--logging.run_dir=")]
+def _key(point: Point, launcher: str = "local", template: str | None = None,
+         sbatch_args: list[str] = ()) -> str:
+    """What makes two points the same experiment: the resolved config (the file's content, not
+    its path; the run dir left out), the node layout (2 x 2 is not 1 x 4: the inter-node
+    traffic is what a sweep measures) and how it is launched. Equal keys run once; a finished
+    point is reused only under the same key."""
+    job = load_config(point.args).to_dict()
+    job["logging"].pop("run_dir")
+    return json.dumps({"config": job, "nodes": point.nodes, "per_node": point.per_node,
+                       "launcher": launcher, "template": template,
+                       "sbatch_args": list(sbatch_args)}, sort_keys=True)
 
 
 def launch_command(point: Point, launcher: str, template: str | None,
@@ -352,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
           f"--launcher {args.launcher}; results in {args.out}", flush=True)
     rows, ran, failed = [], {}, 0
     for i, point in enumerate(points, 1):
-        key = json.dumps(_key(point))
+        key = _key(point, args.launcher, args.template, args.sbatch_arg)
         head = (f"[{i}/{len(points)}] {point.mode} {point.nodes}x{point.per_node}: world "
                 f"{point.world}, dp {point.dp}, ep {point.ep}, tp {point.tp}, micro batch "
                 f"{point.micro_batch_size}")

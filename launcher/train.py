@@ -24,6 +24,7 @@ from launcher.env import (
     check_moe_backend,
     choose_backend,
     device_for,
+    gpu_index,
     init_distributed,
     node_of,
     read_env,
@@ -73,6 +74,8 @@ def prepare(argv: list[str], env: DistEnv):
     job = load_config(argv)
     layout = job.validate(env.world_size)
     backend = choose_backend(job.parallel.backend)
+    if backend == "nccl":
+        gpu_index(env.local_rank)  # more ranks on this node than visible GPUs: refused here
     check_moe_backend(job.moe.backend, backend)
     run_dir = Path(job.logging.run_dir)
     check_writable(run_dir)

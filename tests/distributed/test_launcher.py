@@ -153,7 +153,7 @@ def test_slurm_launch_without_torchrun(tmp_path):
     for rank in range(2):
         env = _env(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
                    SLURM_TASKS_PER_NODE="2", SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost",
-                   SLURM_JOB_ID=str(40000 + os.getpid() % 10000))
+                   SLURM_JOB_ID=str(40000 + os.getpid() % 10000), SLURM_STEP_ID="0")
         cmd = [sys.executable, "-m", "launcher.train", "--config", TINY, "--parallel.dp=2",
                "--parallel.ep=2", "--train.steps=3", f"--logging.run_dir={tmp_path}", *SMALL]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -31,7 +31,7 @@ TORCHRUN = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE
             "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29501"}
 SLURM = {"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "2", "SLURM_NODEID": "1",
          "SLURM_TASKS_PER_NODE": "4(x2)", "SLURM_JOB_NODELIST": "node[03-04]",
-         "SLURM_JOB_ID": "123456"}
+         "SLURM_JOB_ID": "123456", "SLURM_STEP_ID": "0"}
 
 
 # --- read_env ---------------------------------------------------------------------------
@@ -141,7 +141,9 @@ def test_defaults_to_os_environ(monkeypatch):
     ({**SLURM, "SLURM_NTASKS": "many"}, ["SLURM_NTASKS='many'"]),
     ({**SLURM, "SLURM_LOCALID": "-2"}, ["SLURM_LOCALID='-2'"]),
     ({**SLURM, "SLURM_LOCALID": "4"}, ["SLURM_LOCALID=4", "SLURM_TASKS_PER_NODE=4"]),
-    ({"SLURM_PROCID": "0"}, ["SLURM_PROCID='0'", "SLURM_NTASKS"]),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_ID": "0"}, ["SLURM_PROCID='0'", "SLURM_NTASKS"]),
+    ({k: v for k, v in SLURM.items() if k != "SLURM_STEP_ID"},
+     ["SLURM_NTASKS=8 but no SLURM_STEP_ID", "start the ranks with srun"]),
     ({**SLURM, "SLURM_TASKS_PER_NODE": "4(2)"}, ["SLURM_TASKS_PER_NODE='4(2)'"]),
     ({**SLURM, "SLURM_TASKS_PER_NODE": "2,1", "SLURM_NODEID": "5"}, ["SLURM_NODEID=5", "'2,1'"]),
     ({**SLURM, "SLURM_TASKS_PER_NODE": "2,1", "SLURM_NODEID": "1", "SLURM_LOCALID": "1"},
@@ -208,7 +210,8 @@ def test_choose_backend_unknown():
         choose_backend("mpi", cuda_available=False)
 
 
-def test_device_for():
+def test_device_for(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert device_for("nccl", 3) == torch.device("cuda", 3)
     assert device_for("gloo", 3) == torch.device("cpu")
 
@@ -269,3 +272,25 @@ def test_init_two_processes_over_tcp():
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out
         assert "SUM 2 3.0" in out, out
+
+
+def test_torchrun_style_variables_without_local_world_size_are_a_launch():
+    """NVIDIA's pyxis hook and many srun wrappers set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*
+    but not LOCAL_WORLD_SIZE."""
+    env = read_env({k: v for k, v in TORCHRUN.items() if k != "LOCAL_WORLD_SIZE"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 8, 1, 8)
+
+
+def test_a_batch_script_of_one_task_is_a_world_of_one():
+    env = read_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
+                    "SLURM_JOB_ID": "7"})
+    assert (env.launcher, env.world_size) == ("single", 1)
+
+
+def test_each_rank_gets_the_gpu_it_can_see():
+    from launcher.env import gpu_index
+
+    assert gpu_index(3, count=4) == 3  # every process sees the node's GPUs
+    assert gpu_index(3, count=1) == 0  # srun --gpus-per-task=1: each task sees its own
+    with pytest.raises(ConfigError, match=r"local rank 4 needs a GPU of its own, but this process sees 2"):
+        gpu_index(4, count=2)

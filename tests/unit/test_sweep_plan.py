@@ -27,6 +27,24 @@ def test_strong_keeps_the_global_batch_and_weak_the_micro_batch():
     assert _key(strong[0]) == _key(weak[0]) and _key(strong[1]) != _key(weak[1])
 
 
+def test_the_same_world_on_another_node_layout_is_another_experiment(tmp_path):
+    """2 nodes x 2 and 1 node x 4 have one world size and the same arguments, but only one
+    crosses nodes; and a finished point is not reused once its config file changed."""
+    points = {p.name: p for p in plan(TINY, ["weak"], [1, 2], [2, 4], Path("out"))}
+    def without_run_dir(point):
+        return [a for a in point.args if not a.startswith("--logging.run_dir=")]
+
+    assert without_run_dir(points["weak_2x2"]) == without_run_dir(points["weak_1x4"])
+    assert _key(points["weak_2x2"]) != _key(points["weak_1x4"])
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  dim: 64\n")
+    point = plan(["--config", str(config)], ["weak"], [1], [2], Path("out"))[0]
+    before = _key(point)
+    config.write_text("model:\n  dim: 128\n")
+    assert _key(point) != before
+    assert _key(point, "slurm") != _key(point, "local")
+
+
 def test_expert_parallelism_can_be_fixed():
     points = plan(TINY, ["weak"], [1, 2], [2], Path("out"), ep="2")
     assert [p.ep for p in points] == [2, 2]
