@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +48,15 @@ def skip_reason(backend: str) -> str | None:
     return why_unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of the process's session (its workers), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def run_backend(backend: str, args, extra: list[str], out: Path) -> dict:
     why = skip_reason(backend)
     if why:
@@ -62,11 +73,17 @@ def run_backend(backend: str, args, extra: list[str], out: Path) -> dict:
     with open(run_dir / "launch.log", "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        try:  # a hung run (a stuck collective) must not take the whole GPU session with it
-            code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=args.timeout).returncode
+        # A hung run (a stuck collective) must not take the whole GPU session with it. torchrun
+        # gets a session of its own so a timeout kills its workers too: killing torchrun alone
+        # left the worker holding 49 GiB of the GPU, and the next backend ran out of memory.
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
             code = f"timeout after {args.timeout} s"
+        finally:
+            _kill_session(proc)
     summary = read_summary(run_dir)
     if code or summary is None:
         path, tail = log_tail(run_dir, 12)

@@ -180,9 +180,12 @@ def count_forward_syncs(backend: str, layer, x, K: int) -> int | None:
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
-def profile_ops(backend: str, layer, x, K: int, grad, steps: int = 2, top: int = 12) -> list[dict]:
+def profile_ops(backend: str, layer, x, K: int, grad, params, steps: int = 2,
+                top: int = 12) -> list[dict]:
     """Where one step's time goes: the `top` operations by their own time on the device (CPU
-    time on a CPU), per step, with their share of the total. For tuning, not for comparing."""
+    time on a CPU), per step, with their share of the total. For tuning, not for comparing.
+    Gradients are cleared before each step, as in the timed steps (accumulating into them
+    added three weight-sized additions per step to the profile)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -190,6 +193,8 @@ def profile_ops(backend: str, layer, x, K: int, grad, steps: int = 2, top: int =
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
+            for p in params:
+                p.grad = None
             step_fn(backend, layer, x, K, grad)
         _sync(x.device)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
@@ -251,7 +256,7 @@ def measure(backend, shape, routing, weights, device, dtype, iters: int, warmup:
     out["forward_host_syncs"] = count_forward_syncs(backend, layer, x, K)
     out |= forward_costs(backend, layer, x, K, params)
     if profile:
-        out["profile"] = profile_ops(backend, layer, x, K, grad)
+        out["profile"] = profile_ops(backend, layer, x, K, grad, params)
     if route is not None:
         counts = route.counts_E.float()
         out["max_over_mean_load"] = float(counts.max() / counts.mean())

@@ -156,7 +156,7 @@ for entry in "${PACKAGES[@]}"; do
     if [[ "$name" == megablocks ]]; then
         patch_cumsum "$BUILD_DIR/src/$top/csrc/cumsum.h" || die "patching $tarball failed"
     fi
-    SOURCES+=("$name|$BUILD_DIR/src/$top")
+    SOURCES+=("$name|$BUILD_DIR/src/$top|${spec##*==}")
 done
 
 if [[ "$PREPARE_ONLY" == 1 ]]; then
@@ -168,15 +168,15 @@ fi
 # files from asking the GPU for its architecture, so this builds on a machine without one.
 say "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"
 for entry in "${SOURCES[@]}"; do
-    IFS='|' read -r name dir <<<"$entry"
+    IFS='|' read -r name dir version <<<"$entry"
     say "building and installing $name (--no-deps --no-build-isolation)"
     if [[ -n "${WHEEL_DIR:-}" ]]; then
         mkdir -p "$WHEEL_DIR"
         "$PYTHON" -m pip wheel --no-index --no-deps --no-build-isolation -w "$WHEEL_DIR" "$dir" \
             || die "pip wheel of $name from $dir failed"
         # this version's wheel only: WHEEL_DIR may hold others from earlier builds
-        wheel=("$WHEEL_DIR"/"${name//-/_}-${spec##*==}"-*.whl)
-        [[ -f "${wheel[0]}" ]] || die "pip wheel of $name left no ${name//-/_}-${spec##*==}-*.whl in $WHEEL_DIR"
+        wheel=("$WHEEL_DIR"/"${name//-/_}-$version"-*.whl)
+        [[ -f "${wheel[0]}" ]] || die "pip wheel of $name left no ${name//-/_}-$version-*.whl in $WHEEL_DIR"
         # shellcheck disable=SC2086  # PIP_INSTALL_ARGS is a list of words
         "$PYTHON" -m pip install --no-index --no-deps ${PIP_INSTALL_ARGS:-} "${wheel[0]}" \
             || die "pip install of ${wheel[0]} failed"

@@ -29,3 +29,42 @@ def test_e2e_smoke_runs_native_and_reads_its_summary(tmp_path):
     assert r["mfu"] == pytest.approx(r["train_tokens_per_s"] * r["flops_per_token"] / 0.1e12)
     assert r["peak_memory_bytes"] > 0 and r["final_eval_loss"] > 0
     assert "native" in proc.stdout and "skipped: megablocks needs CUDA" in proc.stdout
+
+
+def test_e2e_timeout_kills_the_workers_too():
+    """A timed-out run's whole session goes: torchrun's worker outlived a kill of torchrun alone
+    on the GPU machine and held 49 GiB, so the next backend ran out of memory."""
+    import os
+    import time
+
+    from benchmarks.e2e import _kill_session
+
+    # a parent that starts a grandchild (as torchrun starts its worker) and prints its pid
+    code = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(60)']); print(c.pid, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    worker = int(proc.stdout.readline())
+    _kill_session(proc)
+    for _ in range(100):  # the worker is re-parented and reaped by init; give it a moment
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        with open(f"/proc/{worker}/stat") as f:  # a zombie awaiting its reaper is dead too
+            assert f.read().split()[2] == "Z", f"worker {worker} survived the kill"
+    assert proc.returncode is not None
+
+
+def test_profile_step_smoke_times_and_ranks_a_training_step():
+    proc = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--smoke", "--warmup", "1",
+                           "--steps", "2", "--profile-steps", "1", "--top", "5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "median step" in out and "model TFLOP/s" in out, out
+    for region in ("forward", "backward", "optimizer"):
+        assert f"  {region}: " in out, out
+    assert out.count("\n  aten::") + out.count("\n  autograd") + out.count("\n  _") >= 1, out

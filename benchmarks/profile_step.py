@@ -1,0 +1,137 @@
+"""Where one training step of a config goes: the top operations by device time, per step.
+
+    python benchmarks/profile_step.py                                  # GPU: configs/gpu_moe_1b.yaml
+    python benchmarks/profile_step.py -- --moe.backend=megablocks --train.micro_batch_size=4
+    python benchmarks/profile_step.py --smoke                          # CPU: a tiny model
+
+The step is the trainer's own (launcher config, Topology, build_stepper, autocast as
+trainer.loop does) in a world of one, on one fixed batch: `--warmup` untimed steps, `--steps`
+timed with CUDA events (wall clock on CPU), then `--profile-steps` under torch.profiler. It
+prints the median step time, the model FLOP/s it implies (model/flops.py's count, the one MFU
+uses), and the operations ranked by their own device time, with forward, backward and the
+optimizer as regions. For tuning, not for comparing: the figures to compare come from
+benchmarks/e2e.py and benchmarks/moe_layer.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainer.metrics import text_table  # noqa: E402
+
+SMOKE_ARGS = ["--model.dim=32", "--model.n_layers=2", "--model.n_heads=2", "--moe.expert_hidden=32",
+              "--train.micro_batch_size=2", "--train.seq_len=32", "--parallel.dp=1", "--parallel.ep=1"]
+COLUMNS = [("  operation", "op", "  {}", 48), ("ms/step", "ms_per_step", "{:.3f}", 9),
+           ("share", "share", "{:.3f}", 7), ("calls/step", "calls_per_step", "{:.0f}", 11)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None, help="default configs/gpu_moe_1b.yaml (smoke: cpu_tiny)")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--profile-steps", type=int, default=2)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="-- then more launcher.train overrides")
+    args = parser.parse_args(argv)
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    config = args.config or ("configs/cpu_tiny.yaml" if args.smoke else "configs/gpu_moe_1b.yaml")
+    if args.smoke:
+        extra = SMOKE_ARGS + extra
+    device = torch.device("cuda", 0) if torch.cuda.is_available() and not args.smoke else torch.device("cpu")
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from launcher.config import load_config
+    from launcher.env import DistEnv, init_distributed, shutdown_distributed
+    from model.flops import model_cost
+    from model.transformer import TransformerLM
+    from parallel.topology import Topology
+    from trainer.optim import build_stepper, compute_dtype, lr_at
+
+    job = load_config(["--config", config, *extra])
+    layout = job.validate(1)
+    init_distributed(DistEnv(0, 0, 1, 1, "127.0.0.1", 29512, "single"),
+                     "nccl" if device.type == "cuda" else "gloo", 300)
+    try:
+        topo = Topology.create(layout)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = TransformerLM(job.model, job.moe)
+        dtype = compute_dtype(job.train.precision, device)
+        stepper = build_stepper(model, topo, job.train, job.parallel.zero_stage, local_rank=0, dtype=dtype)
+        autocast = job.parallel.zero_stage == 0 and dtype == torch.bfloat16
+        B, S = job.train.micro_batch_size, job.train.seq_len
+        batch = torch.randint(0, job.model.vocab_size, (B, S + 1), device=device)
+
+        def step(i: int) -> None:
+            stepper.begin(lr_at(i, job.train))
+            with record_function("forward"), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                            enabled=autocast):
+                out = stepper.forward(batch[:, :-1], batch[:, 1:])
+            with record_function("backward"):
+                stepper.backward(out.loss)
+            with record_function("optimizer"):
+                stepper.finish()
+
+        def sync():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        for i in range(args.warmup):
+            step(i)
+        sync()
+        times = []
+        for i in range(args.steps):
+            began = time.perf_counter()
+            step(args.warmup + i)
+            sync()
+            times.append(time.perf_counter() - began)
+        seconds = statistics.median(times)
+        tokens = B * S
+        model_flops = model_cost(job.model, job.moe, S).flops_per_token * tokens
+        print(f"{config} {' '.join(extra)}\n{device}, {tokens} tokens/step: median step "
+              f"{seconds * 1e3:.1f} ms, {tokens / seconds:,.0f} tokens/s, "
+              f"{model_flops / seconds / 1e12:.1f} model TFLOP/s")
+
+        cuda = device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for i in range(args.profile_steps):
+                step(i)
+            sync()
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        averages = prof.key_averages()
+        kernels = [e for e in averages if e.device_type == DeviceType.CUDA] if cuda else \
+            [e for e in averages if getattr(e, key) > 0]
+        total = sum(getattr(e, key) for e in kernels) or 1.0
+        n = args.profile_steps
+        regions = [e for e in averages if e.key in ("forward", "backward", "optimizer")]
+        for e in regions:
+            print(f"  {e.key}: {e.cpu_time_total / 1e3 / n:.1f} ms/step on the host"
+                  + (f", {e.device_time_total / 1e3 / n:.1f} ms of device time" if cuda else ""))
+        print(f"  device busy {total / 1e3 / n:.1f} ms/step of {seconds * 1e3:.1f} ms")
+        ops = [e for e in averages if e.device_type == DeviceType.CPU and getattr(e, key) > 0
+               and e.key not in ("forward", "backward", "optimizer")]
+        ops.sort(key=lambda e: getattr(e, key), reverse=True)
+        rows = [{"op": e.key[:48], "ms_per_step": getattr(e, key) / 1e3 / n,
+                 "share": getattr(e, key) / total, "calls_per_step": e.count / n} for e in ops[:args.top]]
+        print(text_table(rows, COLUMNS))
+        return 0
+    finally:
+        shutdown_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
