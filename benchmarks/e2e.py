@@ -12,7 +12,8 @@ checkpoints left out), MFU (model/flops.py: 6 x activated parameters + causal at
 token, over 989 TFLOP/s per H100/H200 in bf16, or `--peak-tflops`), the busiest rank's peak
 memory, the final held-out loss. A backend that cannot run here (megablocks without CUDA) is
 listed as skipped with the reason; a failed run shows the end of its log. Table on stdout,
-JSON in runs/bench/e2e.json. Nothing here is asserted.
+JSON in runs/bench/e2e.json, with each run's held-out loss curve (`evals`, also read from the
+log of a run that failed or was cut off). Nothing here is asserted.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +48,14 @@ def skip_reason(backend: str) -> str | None:
     from model.moe.megablocks_backend import why_unavailable
 
     return why_unavailable(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def evals_in_log(path: Path) -> list[dict]:
+    """The held-out losses a run printed before it failed or was cut off: the curve to compare
+    with the other backends' (a finished run's summary.json has them as `evals`)."""
+    text = path.read_text(errors="replace") if path.exists() else ""
+    return [{"step": int(step), "eval_loss": float(loss)}
+            for step, loss in re.findall(r"step (\d+): eval loss ([0-9.]+)", text)]
 
 
 def _kill_session(proc: subprocess.Popen) -> None:
@@ -89,10 +99,11 @@ def run_backend(backend: str, args, extra: list[str], out: Path) -> dict:
         path, tail = log_tail(run_dir, 12)
         print(f"{backend}: failed (exit {code}); end of {path}:\n    " + "\n    ".join(tail),
               file=sys.stderr)
-        return {"backend": backend, "status": f"failed (exit {code})", "run_dir": str(run_dir)}
+        return {"backend": backend, "status": f"failed (exit {code})", "run_dir": str(run_dir),
+                "evals": evals_in_log(run_dir / "launch.log")}
     keys = ("train_tokens_per_s", "step_time_s", "mfu", "peak_memory_bytes", "peak_memory_kind",
             "final_eval_loss", "flops_per_token", "activated_params", "total_params", "device",
-            "peak_tflops_per_device", "world_size")
+            "peak_tflops_per_device", "world_size", "evals")
     return {"backend": backend, "status": "ok", "run_dir": str(run_dir)} | {k: summary.get(k) for k in keys}
 
 

@@ -28,6 +28,7 @@ def test_e2e_smoke_runs_native_and_reads_its_summary(tmp_path):
     assert r["status"] == "ok" and r["train_tokens_per_s"] == summary["train_tokens_per_s"] > 0
     assert r["mfu"] == pytest.approx(r["train_tokens_per_s"] * r["flops_per_token"] / 0.1e12)
     assert r["peak_memory_bytes"] > 0 and r["final_eval_loss"] > 0
+    assert r["evals"][-1] == {"step": 4, "eval_loss": r["final_eval_loss"]}
     assert "native" in proc.stdout and "skipped: megablocks needs CUDA" in proc.stdout
 
 
@@ -68,3 +69,13 @@ def test_profile_step_smoke_times_and_ranks_a_training_step():
     for region in ("forward", "backward", "optimizer"):
         assert f"  {region}: " in out, out
     assert out.count("\n  aten::") + out.count("\n  autograd") + out.count("\n  _") >= 1, out
+
+
+def test_e2e_reads_the_loss_curve_of_a_run_cut_off(tmp_path):
+    """The lines the trainer prints (as the H100 megablocks run's log had them)."""
+    from benchmarks.e2e import evals_in_log
+
+    log = tmp_path / "launch.log"
+    log.write_text("device: cuda:0\nstep 100: eval loss 2.3176\n[rank0]: noise\nstep 200: eval loss 1.7808\n")
+    assert evals_in_log(log) == [{"step": 100, "eval_loss": 2.3176}, {"step": 200, "eval_loss": 1.7808}]
+    assert evals_in_log(tmp_path / "missing.log") == []
