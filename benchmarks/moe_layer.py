@@ -186,7 +186,6 @@ def profile_ops(backend: str, layer, x, K: int, grad, params, steps: int = 2,
     time on a CPU), per step, with their share of the total. For tuning, not for comparing.
     Gradients are cleared before each step, as in the timed steps (accumulating into them
     added three weight-sized additions per step to the profile)."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = x.device.type == "cuda"
@@ -197,17 +196,27 @@ def profile_ops(backend: str, layer, x, K: int, grad, params, steps: int = 2,
                 p.grad = None
             step_fn(backend, layer, x, K, grad)
         _sync(x.device)
+    return rank_ops(prof, cuda, steps, top)[0]
+
+
+def rank_ops(prof, cuda: bool, steps: int, top: int, exclude=()) -> tuple[list[dict], float]:
+    """(the `top` operations of a finished torch.profiler run by their own device time (CPU
+    time on a CPU), per step, with their share; the total in microseconds). `exclude`: names
+    left out of the ranking (record_function regions)."""
+    from torch.autograd import DeviceType
+
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     averages = prof.key_averages()
     # On CUDA both an operation and the kernels it launched carry the kernels' device time:
     # the total is the kernels' (as torch's own table sums it), the ranking is by operation.
-    events = [e for e in averages if getattr(e, key) > 0 and e.device_type == DeviceType.CPU]
+    events = [e for e in averages if getattr(e, key) > 0 and e.device_type == DeviceType.CPU
+              and e.key not in exclude]
     kernels = [e for e in averages if e.device_type == DeviceType.CUDA] if cuda else events
     total = sum(getattr(e, key) for e in kernels) or 1.0
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     return [{"op": e.key, "ms_per_step": getattr(e, key) / 1e3 / steps,
              "share": getattr(e, key) / total, "calls_per_step": e.count / steps}
-            for e in events[:top]]
+            for e in events[:top]], total
 
 
 def measure(backend, shape, routing, weights, device, dtype, iters: int, warmup: int,

@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = SMOKE_ARGS + extra
     device = torch.device("cuda", 0) if torch.cuda.is_available() and not args.smoke else torch.device("cpu")
 
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from benchmarks.moe_layer import rank_ops
     from launcher.config import load_config
     from launcher.env import DistEnv, init_distributed, shutdown_distributed
     from model.flops import model_cost
@@ -111,22 +111,16 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.profile_steps):
                 step(i)
             sync()
-        key = "self_device_time_total" if cuda else "self_cpu_time_total"
-        averages = prof.key_averages()
-        kernels = [e for e in averages if e.device_type == DeviceType.CUDA] if cuda else \
-            [e for e in averages if getattr(e, key) > 0]
-        total = sum(getattr(e, key) for e in kernels) or 1.0
         n = args.profile_steps
-        regions = [e for e in averages if e.key in ("forward", "backward", "optimizer")]
-        for e in regions:
-            print(f"  {e.key}: {e.cpu_time_total / 1e3 / n:.1f} ms/step on the host"
-                  + (f", {e.device_time_total / 1e3 / n:.1f} ms of device time" if cuda else ""))
+        regions = ("forward", "backward", "optimizer")
+        for e in prof.key_averages():
+            if e.key in regions:
+                print(f"  {e.key}: {e.cpu_time_total / 1e3 / n:.1f} ms/step on the host"
+                      + (f", {e.device_time_total / 1e3 / n:.1f} ms of device time" if cuda else ""))
+        rows, total = rank_ops(prof, cuda, n, args.top, exclude=regions)
         print(f"  device busy {total / 1e3 / n:.1f} ms/step of {seconds * 1e3:.1f} ms")
-        ops = [e for e in averages if e.device_type == DeviceType.CPU and getattr(e, key) > 0
-               and e.key not in ("forward", "backward", "optimizer")]
-        ops.sort(key=lambda e: getattr(e, key), reverse=True)
-        rows = [{"op": e.key[:48], "ms_per_step": getattr(e, key) / 1e3 / n,
-                 "share": getattr(e, key) / total, "calls_per_step": e.count / n} for e in ops[:args.top]]
+        for row in rows:
+            row["op"] = row["op"][:48]
         print(text_table(rows, COLUMNS))
         return 0
     finally:
