@@ -67,13 +67,13 @@ step() {
     local left=$(( ${DEADLINE:-570} - SECONDS ))
     (( left < limit )) && limit=$left
     if (( limit < 20 )); then
-        echo "gpu_session: no time left for: $*" | tee -a "$log" >&2; FAILED+=("$1"); return
+        echo "gpu_session: no time left for: $*" | tee -a "$log" >&2; FAILED+=("$*"); return
     fi
     echo "gpu_session: [$SECONDS s] $* (limit ${limit} s)" >&2
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log" || FAILED+=("$*")
 }
 
-[[ "$STEP" =~ ^(test|layer|profile|e2e)$ ]] || { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+[[ "$STEP" =~ ^(test|layer|profile|e2e)$ ]] || { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 setup 2>&1 | tee "$OUT/setup.log"
 export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 while (( $# )); do
