@@ -181,10 +181,37 @@ def combine(
         y_recv_ND = comm.all_to_all(y_recv_ND, plan.input_splits, plan.output_splits)
     # 1^-1: un-permute to slot order.
     y_TKD = _PermuteRows.apply(y_recv_ND, plan.inv_sort_idx_N, plan.sort_idx_N).view(T, K, -1)
-    # Weight and sum the K choices as one batched (1, K) x (K, D) product per token: it reads
-    # the rows once and keeps only them (in the activations' dtype) for backward, where an
-    # fp32 multiply-and-sum made and kept an fp32 copy of all N rows. The router weights are
-    # rounded to the activations' dtype for it (in bf16, as DeepSpeed's combine einsum does;
-    # MegaBlocks' scatter multiplies in fp32); the accumulation inside the product is fp32.
-    w_T1K = topk_weight_TK.to(y_TKD.dtype).unsqueeze(1)
-    return torch.bmm(w_T1K, y_TKD).squeeze(1)
+    return _WeightedSumOfChoices.apply(y_TKD, topk_weight_TK)
+
+
+class _WeightedSumOfChoices(torch.autograd.Function):
+    """y_TD = sum_k w_TK[:, k] * y_TKD[:, k]: each token's K expert outputs, weighted.
+
+    As elementwise passes and a reduction over D, which run at memory speed. It was one batched
+    (1, K) x (K, D) product per token: on an H100 those bmm calls moved about 110 GB/s, 3.7 of
+    the mixtral-like layer's 34.5 ms (benchmarks/results/h100-2026-11-23). Keeps for backward
+    only what the bmm kept: the rows, in the activations' dtype, and the weights.
+
+    Rounding: the forward multiplies by the fp32 weights and sums in fp32, then rounds once to
+    the rows' dtype. Backward's row gradient uses the weights rounded to that dtype (as
+    DeepSpeed's combine einsum does); the weight gradient sums its D products in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, y_TKD, w_TK):
+        ctx.save_for_backward(y_TKD, w_TK)
+        # One pass per choice into an fp32 sum (T, D): as fast as the bmm on CPU, where a
+        # multiply-then-sum over the middle axis took three times as long.
+        out_TD = y_TKD[:, 0] * w_TK[:, :1]
+        for k in range(1, y_TKD.shape[1]):
+            out_TD.addcmul_(y_TKD[:, k], w_TK[:, k : k + 1])
+        return out_TD.to(y_TKD.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        y_TKD, w_TK = ctx.saved_tensors
+        need_y, need_w = ctx.needs_input_grad
+        grad_T1D = grad_TD.to(y_TKD.dtype).unsqueeze(1)
+        dy = grad_T1D * w_TK.to(y_TKD.dtype).unsqueeze(-1) if need_y else None
+        dw = torch.sum(grad_T1D * y_TKD, dim=-1, dtype=torch.float32).to(w_TK.dtype) if need_w else None
+        return dy, dw

@@ -85,6 +85,29 @@ def test_dispatch_then_combine_with_identity_experts_returns_input():
     torch.testing.assert_close(combine(grouped, w, plan, LocalComm()), x)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_combine_weighting_equals_autograd_of_the_plain_weighted_sum(dtype, tol):
+    """The combine's weighted sum and its two gradients against autograd of sum_k w_k * y_k in
+    float64. bf16 rows: within 1e-2 of the largest value (one rounding of the output, and of the
+    weights in the row gradient); the weights and their gradient stay fp32."""
+    torch.manual_seed(3)
+    T, K = 11, 3
+    y, w = torch.randn(T * K, D), torch.rand(T, K)
+    g = torch.randn(T, D)
+    y64, w64 = y.double().requires_grad_(), w.double().requires_grad_()
+    (w64.unsqueeze(-1) * y64.view(T, K, D)).sum(1).backward(g.double())
+    plan = dispatch(torch.zeros(T, D), torch.zeros(T, K, dtype=torch.long), 1, LocalComm())[1]
+    yi, wi = y.to(dtype).requires_grad_(), w.clone().requires_grad_()
+    out = combine(yi, wi, plan, LocalComm())
+    out.backward(g.to(dtype))
+    assert out.dtype == dtype and wi.grad.dtype == torch.float32
+    for got, want in ((out, (w64.unsqueeze(-1) * y64.view(T, K, D)).sum(1)), (yi.grad, y64.grad),
+                      (wi.grad, w64.grad)):
+        assert (got.double() - want).abs().max() <= tol * want.abs().max()
+    # A broadcast (zero-stride) gradient, as from `.sum()`, works too.
+    combine(yi, wi, plan, LocalComm()).sum().backward()
+
+
 def test_experts_with_no_tokens_still_get_zero_gradients():
     layer = _layer(num_experts=4, top_k=1)
     with torch.no_grad():  # every token to expert 2
