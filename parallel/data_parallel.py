@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from parallel.collectives import all_reduce
 from parallel.topology import Topology
@@ -71,7 +72,14 @@ def global_grad_norm(
     replicated = [p for p in dense if not getattr(p, "tensor_model_parallel", False)]
 
     def sq(params):
-        return sum((g.float().pow(2).sum() for g in _grads(params)), torch.zeros((), device=device))
+        # Multi-tensor norms (torch._foreach_norm on CUDA): one pass over the gradients with
+        # no temporaries. Squaring each gradient and summing it took three passes and a
+        # gradient-sized temporary per tensor: about 12 ms a step for the 1.7 B parameters of
+        # configs/gpu_moe_1b.yaml at H100 memory speed.
+        grads = _grads(params)
+        if not grads:
+            return torch.zeros((), device=device)
+        return get_total_norm(grads).float().square()
 
     sharded_sq, expert_sq = sq(sharded), sq(expert)
     if topology.size("tp") > 1:
@@ -89,8 +97,6 @@ def clip_gradients_(
 ) -> torch.Tensor:
     """Scale all gradients so the global norm is at most max_norm; returns the norm before."""
     norm = global_grad_norm(dense, expert, topology)
-    if max_norm > 0:
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for g in _grads(dense) + _grads(expert):
-            g.mul_(scale)
+    if max_norm > 0:  # every gradient times min(1, max_norm / (norm + 1e-6)), multi-tensor
+        clip_grads_with_norm_(dense + expert, max_norm, norm)
     return norm
