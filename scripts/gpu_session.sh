@@ -8,7 +8,9 @@
 #   scripts/gpu_session.sh profile     # benchmarks/profile_step.py: where a training step of
 #                                      # configs/gpu_moe_1b.yaml goes, native then megablocks
 #   scripts/gpu_session.sh e2e [STEPS] [-- OVERRIDES]  # benchmarks/e2e.py on configs/gpu_moe_1b.yaml
-#                                      # (default 100 steps), e.g. e2e 100 -- --train.compile=true
+#                                      # (default 100 steps), e.g. e2e 100 -- --train.compile=true,
+#                                      # or side by side: e2e 200 --backend native --variant eager
+#                                      #   --variant compile=--train.compile=true
 #   scripts/gpu_session.sh test layer  # both, one setup (e2e, with its arguments, comes last)
 #
 # Before the first call, on the machine with network: copy ../shared/gpu/wheels/* into

@@ -16,20 +16,32 @@ from tests.distributed.launch import ROOT, _env
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_e2e_smoke_runs_native_and_reads_its_summary(tmp_path):
+    """One named variant: its overrides reach the run (micro-batch 1 of 32 tokens per step)."""
     proc = subprocess.run([sys.executable, "benchmarks/e2e.py", "--smoke", "--steps", "4",
-                           "--backend", "native", "megablocks",
+                           "--backend", "native", "megablocks", "--variant", "mb1=--train.micro_batch_size=1",
                            "--peak-tflops", "0.1", "--out", str(tmp_path)], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    rows = {r["backend"]: r for r in json.loads((tmp_path / "e2e.json").read_text())["rows"]}
-    assert rows["megablocks"]["status"] == "skipped: megablocks needs CUDA"
-    r = rows["native"]  # (the deepspeed backend trains through the same path: test_layouts.py)
-    summary = json.loads((tmp_path / "e2e_native" / "summary.json").read_text())
+    rows = {r["run"]: r for r in json.loads((tmp_path / "e2e.json").read_text())["rows"]}
+    assert rows["megablocks:mb1"]["status"] == "skipped: megablocks needs CUDA"
+    r = rows["native:mb1"]  # (the deepspeed backend trains through the same path: test_layouts.py)
+    assert (r["backend"], r["variant"], r["overrides"]) == ("native", "mb1", ["--train.micro_batch_size=1"])
+    summary = json.loads((tmp_path / "e2e_native_mb1" / "summary.json").read_text())
+    assert summary["tokens_per_step"] == 1 * 32
     assert r["status"] == "ok" and r["train_tokens_per_s"] == summary["train_tokens_per_s"] > 0
     assert r["mfu"] == pytest.approx(r["train_tokens_per_s"] * r["flops_per_token"] / 0.1e12)
     assert r["peak_memory_bytes"] > 0 and r["final_eval_loss"] > 0
     assert r["evals"][-1] == {"step": 4, "eval_loss": r["final_eval_loss"]}
-    assert "native" in proc.stdout and "skipped: megablocks needs CUDA" in proc.stdout
+    assert "native:mb1" in proc.stdout and "skipped: megablocks needs CUDA" in proc.stdout
+
+
+def test_e2e_variant_names_must_name_a_directory():
+    from benchmarks.e2e import parse_variant
+
+    assert parse_variant("compile=--train.compile=true --x=1") == ("compile", ["--train.compile=true", "--x=1"])
+    assert parse_variant("eager") == ("eager", [])
+    with pytest.raises(SystemExit, match=r"its name \('a/b'\) must be letters"):
+        parse_variant("a/b=--x=1")
 
 
 def test_e2e_timeout_kills_the_workers_too():
