@@ -66,6 +66,10 @@ command line; later overrides win. Unknown keys are rejected.
 # Config fields that fix parameter shapes: a checkpoint only fits a run that agrees on them.
 ARCHITECTURE = {"model": ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "tie_embeddings"),
                 "moe": ("num_experts", "expert_hidden", "every_n_layers")}
+# What fixes the order of the training samples (trainer/data.py): a resumed run must keep it.
+# (micro_batch_size, grad_accum and dp may change: the position is counted in samples.)
+DATA_ORDER = {"train": ("seq_len", "seed"),
+              "data": ("source", "path", "text_glob", "token_dtype", "holdout_fraction")}
 
 
 def prepare(argv: list[str], env: DistEnv):
@@ -133,6 +137,9 @@ def choose_verified(found: list[Checkpoint], job: JobConfig, env: DistEnv) -> Ch
 
 
 def check_fits(ckpt: Checkpoint, job: JobConfig) -> None:
+    """The checkpoint's model must be this run's model; a resumed run must also read the same
+    data in the same order, or its saved data position (samples seen) would point elsewhere.
+    Raises on every rank alike (each reads the same metadata), before any collective."""
     saved = ckpt.meta.get("config", {})
     for section, keys in ARCHITECTURE.items():
         ours = getattr(job, section)
@@ -142,6 +149,19 @@ def check_fits(ckpt: Checkpoint, job: JobConfig) -> None:
                 raise CheckpointError(
                     f"checkpoint {ckpt.path} does not fit this run: {section}.{key} is {theirs} "
                     f"in the checkpoint and {getattr(ours, key)} here")
+    if not job.checkpoint.resume:
+        return
+    for section, keys in DATA_ORDER.items():
+        ours = getattr(job, section)
+        for key in keys:
+            theirs = saved.get(section, {}).get(key, getattr(ours, key))
+            if theirs != getattr(ours, key):
+                raise CheckpointError(
+                    f"cannot resume from {ckpt.path}: {section}.{key} is {theirs} in the checkpoint "
+                    f"and {getattr(ours, key)} here, which changes the order of the training "
+                    f"samples, so its data position ({ckpt.meta.get('samples_seen')} samples seen) "
+                    "would not continue the run. Keep the value, or start from its weights with "
+                    f"--checkpoint.init_from={ckpt.path} (fresh optimizer, step 0)")
 
 
 def check_writable(run_dir: Path) -> None:

@@ -293,3 +293,18 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused(saved, override, me
     job = load_config(["--config", TINY, *SMALL, override])
     with pytest.raises(CheckpointError, match=message):
         check_fits(open_checkpoint(saved / "step_00000002"), job)
+
+
+@pytest.mark.distributed
+def test_resuming_with_another_sample_order_is_refused_but_init_from_is_not(saved):
+    """seq_len and seed fix which samples come when: the saved position would mean other data."""
+    ckpt = open_checkpoint(saved / "step_00000002")
+    seq_len = ckpt.meta["config"]["train"]["seq_len"]
+    for override, key in ((f"--train.seq_len={seq_len // 2}", "train.seq_len"), ("--train.seed=7", "train.seed")):
+        job = load_config(["--config", TINY, *SMALL, override, "--checkpoint.resume=auto"])
+        with pytest.raises(CheckpointError, match=rf"cannot resume from .*step_00000002: {key} is .* in "
+                           r"the checkpoint and .* here.*\(16 samples seen\).*--checkpoint.init_from="):
+            check_fits(ckpt, job)
+        check_fits(ckpt, load_config(["--config", TINY, *SMALL, override, f"--checkpoint.init_from={ckpt.path}"]))
+    # a layout or batch change keeps the order (the position is counted in samples)
+    check_fits(ckpt, load_config(["--config", TINY, *SMALL, "--train.micro_batch_size=1", "--checkpoint.resume=auto"]))
