@@ -58,11 +58,13 @@ def named_region(what: str, group: dist.ProcessGroup | None, only_comm_errors: b
         is_comm = isinstance(exc, dist.DistError) or bool(_COMM_FAILURE.search(str(exc)))
         if only_comm_errors and not is_comm:
             raise
+        why = ("A peer of this group died or stopped answering (a stalled peer fails the op "
+               "after parallel.timeout_s); its own log says why" if is_comm else
+               "Not a transport failure: the op's arguments (sizes, dtypes, devices) on this "
+               "rank are the first suspect")
         raise CollectiveError(
             f"{what} on process group {group_label(group)} failed on global rank "
-            f"{dist.get_rank()} after {time.monotonic() - start:.1f} s: {exc}. A peer of this "
-            "group died or stopped answering (a stalled peer fails the op after "
-            "parallel.timeout_s); its own log says why") from exc
+            f"{dist.get_rank()} after {time.monotonic() - start:.1f} s: {exc}. {why}") from exc
 
 
 def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None = None,

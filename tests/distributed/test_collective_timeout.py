@@ -25,15 +25,23 @@ TIMEOUT_S = 2.0
 
 
 def _stalled_peer(rank, world_size):
-    from parallel.collectives import CollectiveError, ProcessGroupExpertComm
+    from parallel.collectives import (
+        CollectiveError,
+        ProcessGroupExpertComm,
+        all_to_all_single,
+    )
     from parallel.topology import Layout, Topology
     from trainer.signals import StopSignals
 
     topo = Topology.create(Layout(world_size=2, dp=2, ep=2), timeout_s=TIMEOUT_S)
+    out = {}
+    # Bad arguments fail on each rank before anything is sent: named, but not blamed on a peer.
+    with pytest.raises(CollectiveError) as info:
+        all_to_all_single(torch.empty(4), torch.zeros(3), [2, 2], [2, 2], topo.groups["ep"])
+    out["bad splits"] = str(info.value)
     if rank == 1:
         time.sleep(3 * TIMEOUT_S)  # joins nothing; exits after rank 0 has given up twice
-        return None
-    out = {}
+        return out
     comm = ProcessGroupExpertComm(topo.groups["ep"])
     for name, op in (("ep", lambda: comm.exchange_counts(torch.zeros(2, 4, dtype=torch.long))),
                      ("world", lambda: StopSignals(torch.device("cpu")).should_stop())):
@@ -47,7 +55,12 @@ def _stalled_peer(rank, world_size):
 @pytest.mark.distributed
 def test_a_stalled_peer_fails_the_collective_naming_its_group():
     # The world group's timeout is larger, so only the subgroup's own timeout ends the wait.
-    failures = run_distributed(_stalled_peer, 2, timeout_s=60)[0]
+    results = run_distributed(_stalled_peer, 2, timeout_s=60)
+    for rank, result in enumerate(results):
+        msg = result.pop("bad splits")
+        assert f"all_to_all on process group ep (global ranks [0, 1]) failed on global rank {rank}" in msg, msg
+        assert "Not a transport failure" in msg and "died" not in msg, msg
+    failures = results[0]
     msg, waited = failures["ep"]
     assert "all_to_all on process group ep (global ranks [0, 1]) failed on global rank 0" in msg, msg
     assert "parallel.timeout_s" in msg
