@@ -88,7 +88,8 @@ class TransformerLM(nn.Module):
                 p.normal_(0.0, std)
 
     def compile_dense(self) -> None:
-        """torch.compile the attention, the norms and the dense FFNs in place (train.compile).
+        """torch.compile the attention, the norms and the dense FFNs in place (train.compile),
+        and the MoE experts' SwiGLU elementwise math (forward, and backward with its recompute).
 
         Per module, not the whole model: the MoE layers' dispatch has data-dependent sizes,
         custom autograd functions and collectives, which would split the graph anyway, while
@@ -100,7 +101,9 @@ class TransformerLM(nn.Module):
             block.attention_norm.compile()
             block.attention.compile()
             block.ffn_norm.compile()
-            if not isinstance(block.ffn, MoELayer):
+            if isinstance(block.ffn, MoELayer):
+                block.ffn.experts.compile_pointwise()
+            else:
                 block.ffn.compile()
         self.norm.compile()
 

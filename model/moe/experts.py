@@ -10,6 +10,10 @@ Checkpoints and other backends read exactly these tensors.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +23,38 @@ from model.errors import ConfigError
 
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     return F.grouped_mm(a, b, offs=offs_E)
+
+
+def _swiglu(h1_NF: torch.Tensor, h3_NF: torch.Tensor) -> torch.Tensor:
+    """silu(h1) * h3."""
+    return F.silu(h1_NF).mul_(h3_NF)
+
+
+def _swiglu_grads(dh_NF: torch.Tensor, h1_NF: torch.Tensor, h3_NF: torch.Tensor):
+    """(dh1, dh3) from the gradient of h = silu(h1) * h3. Overwrites dh_NF (dead afterwards):
+    eager, that keeps three (N, F) temporaries alive at most, not five."""
+    silu_NF = F.silu(h1_NF)
+    dh3_NF = dh_NF * silu_NF
+    del silu_NF
+    return torch.ops.aten.silu_backward(dh_NF.mul_(h3_NF), h1_NF), dh3_NF
+
+
+class Pointwise(NamedTuple):
+    """The SwiGLU activation's elementwise math, forward and backward, as two functions."""
+
+    swiglu: Callable
+    grads: Callable
+
+
+EAGER = Pointwise(_swiglu, _swiglu_grads)
+
+
+@functools.cache
+def compiled_pointwise() -> Pointwise:
+    """The same two functions through torch.compile: each one fused kernel (Triton on CUDA).
+    Eager they read or write an (N, F) tensor 5 times forward and 16 backward (with the
+    recompute); fused, 3 and 9 (one of them writing back the overwritten input gradient). Shapes are dynamic (N changes with the routing under expert parallelism)."""
+    return Pointwise(torch.compile(_swiglu, dynamic=True), torch.compile(_swiglu_grads, dynamic=True))
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
@@ -32,40 +68,36 @@ class _GroupedSwiGLU(torch.autograd.Function):
     numbers. It also makes the incoming gradient contiguous: grouped_mm rejects the zero
     strides of broadcast gradients (e.g. from `y.sum()`).
 
+    `pointwise` does the elementwise math (EAGER, or compiled_pointwise()'s fused kernels).
     `dtype` is the GEMMs' dtype (autocast's, or the weights' own). The weights are cast inside
     and the originals saved (they are held anyway): saving the casts would keep a bf16 copy of
     every expert weight per layer until backward. Backward casts them again.
     """
 
     @staticmethod
-    def forward(ctx, x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E, dtype):
-        ctx.dtype = dtype
+    def forward(ctx, x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E, dtype, pointwise=EAGER):
+        ctx.dtype, ctx.pointwise = dtype, pointwise
         x_ND = x_ND.to(dtype)
         h1_NF = _gmm(x_ND, w1_EDF.to(dtype), offs_E)
         h3_NF = _gmm(x_ND, w3_EDF.to(dtype), offs_E)
         ctx.save_for_backward(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E, h1_NF, h3_NF)
-        return _gmm(F.silu(h1_NF).mul_(h3_NF), w2_EFD.to(dtype), offs_E)
+        return _gmm(pointwise.swiglu(h1_NF, h3_NF), w2_EFD.to(dtype), offs_E)
 
     @staticmethod
     def backward(ctx, dy_ND):
         x_ND, w1, w3, w2, offs_E, h1_NF, h3_NF = ctx.saved_tensors
-        need_x, need_w1, need_w3, need_w2, _, _ = ctx.needs_input_grad
+        need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
         w1_EDF, w3_EDF, w2_EFD = (w.to(ctx.dtype) for w in (w1, w3, w2))
         dy_ND = dy_ND.contiguous().to(ctx.dtype)
-        silu_NF = F.silu(h1_NF)
-        dw2 = _gmm((silu_NF * h3_NF).mT, dy_ND, offs_E) if need_w2 else None
-        dh_NF = _gmm(dy_ND, w2_EFD.mT, offs_E)
-        dh3_NF = dh_NF * silu_NF
-        del silu_NF
-        dh1_NF = torch.ops.aten.silu_backward(dh_NF.mul_(h3_NF), h1_NF)
-        del dh_NF
+        dw2 = _gmm(ctx.pointwise.swiglu(h1_NF, h3_NF).mT, dy_ND, offs_E) if need_w2 else None
+        dh1_NF, dh3_NF = ctx.pointwise.grads(_gmm(dy_ND, w2_EFD.mT, offs_E), h1_NF, h3_NF)
         dx = None
         if need_x:
             dx = _gmm(dh1_NF, w1_EDF.mT, offs_E).add_(_gmm(dh3_NF, w3_EDF.mT, offs_E))
         dw1 = _gmm(x_ND.mT, dh1_NF, offs_E).to(w1.dtype) if need_w1 else None
         dw3 = _gmm(x_ND.mT, dh3_NF, offs_E).to(w3.dtype) if need_w3 else None
         dw2 = dw2.to(w2.dtype) if need_w2 else None
-        return dx, dw1, dw3, dw2, None, None
+        return dx, dw1, dw3, dw2, None, None, None
 
 
 class SwiGLUExperts(nn.Module):
@@ -74,11 +106,17 @@ class SwiGLUExperts(nn.Module):
         if impl not in ("grouped_mm", "loop"):
             raise ConfigError(f"expert impl ({impl!r}) must be grouped_mm or loop")
         self.impl = impl
+        self.pointwise = EAGER  # compile_pointwise() swaps in the fused version
         self.num_global_experts = num_experts
         self.expert_offset = 0  # global id of local expert 0; set by shard_()
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w3_EDF = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def compile_pointwise(self) -> None:
+        """Fuse the SwiGLU activation's elementwise passes with torch.compile (train.compile);
+        the GEMMs stay grouped_mm. The loop reference is left as it is."""
+        self.pointwise = compiled_pointwise()
 
     @property
     def num_local_experts(self) -> int:
@@ -115,7 +153,8 @@ class SwiGLUExperts(nn.Module):
         device = x_ND.device.type
         dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
                  else self.w1_EDF.dtype)
-        return _GroupedSwiGLU.apply(x_ND, self.w1_EDF, self.w3_EDF, self.w2_EFD, offs_E, dtype)
+        return _GroupedSwiGLU.apply(x_ND, self.w1_EDF, self.w3_EDF, self.w2_EFD, offs_E, dtype,
+                                    self.pointwise)
 
     def _forward_loop(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """The readable reference: one dense SwiGLU per expert on its slice of rows."""

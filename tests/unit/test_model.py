@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from model.config import ModelConfig, MoEConfig
+from model.layers import RMSNorm, apply_rotary, rotary_tables
 from model.moe import MoELayer
+from model.moe.experts import EAGER, compiled_pointwise
 from model.transformer import TransformerLM
 from trainer.config import TrainConfig
 from trainer.optim import build_optimizer, lr_at
@@ -33,6 +35,43 @@ def test_forward_shapes_and_initial_loss_near_uniform():
     torch.testing.assert_close(out.loss, total)
     out.loss.backward()
     assert all(p.grad is not None for p in m.parameters())
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype, tol", [
+    (torch.float32, torch.float32, 1e-6),  # fp32, and the fp32 residual stream under autocast
+    (torch.bfloat16, torch.bfloat16, 1e-2),  # a bf16 model (ZeRO's bf16 mode)
+    (torch.bfloat16, torch.float32, 1e-2),  # bf16 input, fp32 gain: fp32 out
+])
+def test_rms_norm_and_rotary_equal_their_definitions_in_float64(x_dtype, w_dtype, tol):
+    """RMSNorm: x / sqrt(mean(x^2) + eps) * g. Rotary: each pair (x[2i], x[2i+1]) rotated by
+    position * theta^(-2i/Dh), on q laid out as attention makes it (a transposed view)."""
+    torch.manual_seed(0)
+    norm = RMSNorm(32, 1e-5).to(w_dtype)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 5, 32).to(x_dtype).requires_grad_()
+    x64, g64 = x.detach().double().requires_grad_(), norm.weight.detach().double()
+    want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * g64
+    got = norm(x)
+    assert got.dtype == torch.promote_types(x_dtype, w_dtype)
+    grad = torch.randn(want.shape, dtype=torch.float64)
+    got.backward(grad.to(got.dtype))
+    want.backward(grad)
+    for a, b in ((got, want), (x.grad, x64.grad)):
+        assert (a.double() - b).abs().max() <= tol * b.abs().max()
+
+    cos, sin = rotary_tables(8, 5, 10_000.0)
+    q = torch.randn(2, 5, 3, 8).to(x_dtype).transpose(1, 2).requires_grad_()  # (B, H, S, Dh)
+    q64 = q.detach().double().requires_grad_()
+    angle = torch.arange(5.0, dtype=torch.float64)[:, None] * 10_000.0 ** (-torch.arange(0, 8, 2) / 8)
+    c, s = angle.cos(), angle.sin()
+    want = torch.stack((q64[..., 0::2] * c - q64[..., 1::2] * s, q64[..., 0::2] * s + q64[..., 1::2] * c), -1)
+    got = apply_rotary(q, cos, sin)
+    assert got.dtype == x_dtype and got.shape == q.shape
+    grad = torch.randn(q.shape, dtype=torch.float64)
+    got.backward(grad.to(x_dtype))
+    want.flatten(-2).backward(grad)
+    for a, b in ((got, want.flatten(-2)), (q.grad, q64.grad)):
+        assert (a.double() - b).abs().max() <= tol * b.abs().max()
 
 
 def test_sequence_longer_than_rotary_tables_is_refused():
@@ -71,7 +110,8 @@ def test_weight_decay_only_on_matrices():
 
 def test_compile_dense_equals_eager_and_keeps_names():
     """train.compile: the same loss and gradients as eager (fp32, up to kernel rounding), the
-    same state-dict names (checkpoints unchanged), one graph per module type for all blocks."""
+    same state-dict names (checkpoints unchanged), one graph per module type for all blocks,
+    and the MoE experts' elementwise math fused too."""
     import copy
 
     from torch._dynamo.utils import counters
@@ -82,6 +122,8 @@ def test_compile_dense_equals_eager_and_keeps_names():
     compiled = copy.deepcopy(eager)
     compiled.compile_dense()
     assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert all(m.experts.pointwise is compiled_pointwise() for m in compiled.moe_layers())
+    assert all(m.experts.pointwise is EAGER for m in eager.moe_layers())
     torch._dynamo.reset()
     counters.clear()
     x = torch.randint(0, 64, (2, 16))
@@ -91,5 +133,6 @@ def test_compile_dense_equals_eager_and_keeps_names():
     torch.testing.assert_close(outs[1].loss, outs[0].loss, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
-    # norm, attention, dense SwiGLU: 3 graphs whatever the number of blocks (no recompiles).
-    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+    # norm, attention, dense SwiGLU, and the experts' SwiGLU forward and backward elementwise
+    # math: 5 graphs whatever the number of blocks (no recompiles).
+    assert counters["stats"]["unique_graphs"] == 5, dict(counters["stats"])

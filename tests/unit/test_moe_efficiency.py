@@ -14,7 +14,7 @@ from benchmarks.host_syncs import HostSyncCounter
 from benchmarks.saved_tensors import saved_tensor_bytes
 from model.config import MoEConfig
 from model.moe import NativeMoE
-from model.moe.experts import _GroupedSwiGLU
+from model.moe.experts import EAGER, _GroupedSwiGLU, compiled_pointwise
 
 T, D, FF, E, K = 256, 64, 96, 8, 2
 
@@ -87,8 +87,12 @@ def _plain(x, w1, w3, w2, offs):
     return F.grouped_mm(h, w2, offs=offs)
 
 
-@pytest.mark.parametrize("frozen", [(), ("w2",), ("w1", "w3", "w2")])
-def test_recomputing_backward_equals_autograd_of_the_plain_expression(frozen):
+@pytest.mark.parametrize("frozen, fused", [((), False), (("w2",), False), (("w1", "w3", "w2"), False),
+                                           ((), True), (("w2",), True)])
+def test_recomputing_backward_equals_autograd_of_the_plain_expression(frozen, fused):
+    """fused: the elementwise math through torch.compile (train.compile), here Inductor's CPU
+    code; on CUDA it is Triton. In fp32 both are the same arithmetic up to rounding."""
+    pointwise = compiled_pointwise() if fused else EAGER
     torch.manual_seed(1)
     counts = torch.tensor([5, 0, 9, 2])  # an expert with no rows on purpose
     offs = torch.cumsum(counts, 0).to(torch.int32)
@@ -96,13 +100,13 @@ def test_recomputing_backward_equals_autograd_of_the_plain_expression(frozen):
     ws = {"w1": torch.randn(4, D, FF), "w3": torch.randn(4, D, FF), "w2": torch.randn(4, FF, D)}
     g = torch.randn(x.shape)
     grads = []
-    for fn in (_plain, lambda *a: _GroupedSwiGLU.apply(*a, torch.float32)):
+    for fn in (_plain, lambda *a: _GroupedSwiGLU.apply(*a, torch.float32, pointwise)):
         xi = x.clone().requires_grad_()
         wi = {k: v.clone().requires_grad_(k not in frozen) for k, v in ws.items()}
         fn(xi, wi["w1"], wi["w3"], wi["w2"], offs).backward(g)
         grads.append([xi.grad] + [wi[k].grad for k in ("w1", "w3", "w2")])
     # A broadcast (zero-stride) gradient, which grouped_mm's own backward rejects, works too.
-    _GroupedSwiGLU.apply(x.requires_grad_(), *ws.values(), offs, torch.float32).sum().backward()
+    _GroupedSwiGLU.apply(x.requires_grad_(), *ws.values(), offs, torch.float32, pointwise).sum().backward()
     for got, want in zip(*grads):
         if want is None:
             assert got is None
