@@ -20,7 +20,7 @@ STAMP := $(VENV)/.installed
 NODES ?= 2
 PER_NODE ?= 2
 
-.PHONY: install megablocks-reference train simulate sweep test test-unit test-distributed test-gpu tensorboard clean
+.PHONY: install megablocks-reference train simulate sweep bench bench-smoke test test-unit test-distributed test-gpu tensorboard clean
 
 install: $(STAMP)
 
@@ -63,6 +63,21 @@ LAUNCHER ?= local
 SWEEP_ARGS ?= --train.steps=40 --train.eval_interval=0
 sweep: $(STAMP)
 	$(BIN)/python -m launcher.sweep --nodes $(SWEEP_NODES) --per-node $(SWEEP_PER_NODE) --launcher $(LAUNCHER) -- --config $(CONFIG) $(SWEEP_ARGS) $(ARGS)
+
+# The README's Performance benchmarks in one command (CUDA): one MoE layer per backend against
+# a dense reference, then training per backend on configs/gpu_moe_1b.yaml. Both print their
+# tables and write JSON under runs/bench; the second runs even if the first reports a failed
+# row. BENCH_ARGS go to e2e.py, e.g. BENCH_ARGS="--steps 100 --variant eager --variant
+# compile=--train.compile=true". bench-smoke runs both harnesses at tiny sizes on CPU.
+BENCH_ARGS ?=
+bench: $(STAMP)
+	@$(BIN)/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make bench needs CUDA (make bench-smoke runs the harnesses on CPU)')"
+	status=0; $(BIN)/python benchmarks/moe_layer.py --profile native || status=$$?; \
+	$(BIN)/python benchmarks/e2e.py $(BENCH_ARGS) || status=$$?; exit $$status
+
+bench-smoke: $(STAMP)
+	$(BIN)/python benchmarks/moe_layer.py --smoke --out runs/bench/moe_layer_smoke.json
+	$(BIN)/python benchmarks/e2e.py --smoke --backend native --out runs/bench/smoke
 
 MB_REF_SOFT = $(MAKE) --no-print-directory megablocks-reference || echo "make: preparing $(MB_REF) failed; the megablocks reference tests use the one already there, or skip"
 

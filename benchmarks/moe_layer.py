@@ -10,7 +10,8 @@ and fine-grained (2048, 1024, 64 experts, top-8, 16384 tokens). Routings: `unifo
 router, near-even load) and `zipf` (expert e gets a share near (e+1)^-1 / H_E: a router
 whose weights add log-Zipf biases through one input direction every token shares).
 
-Backends: native (grouped_mm), native-loop (one GEMM per expert: the readable reference),
+Backends: native (grouped_mm), native-compiled (the same with its SwiGLU elementwise math fused
+by torch.compile, as train.compile does), native-loop (one GEMM per expert: the reference),
 megablocks (skipped, saying why, where it cannot run), deepspeed at capacity factor 1 and 2
 (dropping tokens), and `dense`: three plain GEMMs over T x K rows, the same activated FLOPs
 with no routing at all, the ceiling. FLOPs are model FLOPs, 18 x T x K x D x F for forward
@@ -58,7 +59,8 @@ SHAPES = {  # hidden D, expert ffn F, experts E, top-k K, tokens T
 SMOKE_SHAPES = {"tiny-coarse": (64, 128, 8, 2, 256), "tiny-fine": (64, 32, 16, 4, 512)}
 ROUTINGS = ("uniform", "zipf")
 ZIPF_STRENGTH = 1.0
-BACKENDS = ("dense", "native", "native-loop", "megablocks", "deepspeed-cf1", "deepspeed-cf2")
+BACKENDS = ("dense", "native", "native-compiled", "native-loop", "megablocks", "deepspeed-cf1",
+            "deepspeed-cf2")
 
 
 def flops(D: int, F_: int, K: int, T: int) -> float:
@@ -105,7 +107,7 @@ def build(backend: str, D: int, F_: int, E: int, K: int, router_w, weights: dict
     if backend == "dense":
         return [w.clone().requires_grad_() for w in weights["dense"]]
     kw = {"num_experts": E, "top_k": K, "expert_hidden": F_}
-    if backend == "native":
+    if backend in ("native", "native-compiled"):
         cfg = MoEConfig(**kw)
     elif backend == "native-loop":
         cfg = MoEConfig(**kw, expert_impl="loop")
@@ -119,6 +121,8 @@ def build(backend: str, D: int, F_: int, E: int, K: int, router_w, weights: dict
         raise ValueError(f"backend ({backend!r}) must be one of {BACKENDS}")
     with torch.device(device):  # allocated where it runs, not on the host first
         layer = build_moe(D, cfg).to(dtype)
+    if backend == "native-compiled":  # what train.compile does to an MoE layer
+        layer.experts.compile_pointwise()
     with torch.no_grad():
         layer.router.weight.copy_(router_w)
         for name in ("w1_EDF", "w3_EDF", "w2_EFD"):

@@ -6,7 +6,8 @@
 #   scripts/gpu_session.sh layer       # benchmarks/moe_layer.py: both shapes x routings, every backend,
 #                                      # and where native's step time goes (--profile native)
 #   scripts/gpu_session.sh profile     # benchmarks/profile_step.py: where a training step of
-#                                      # configs/gpu_moe_1b.yaml goes, native then megablocks
+#                                      # configs/gpu_moe_1b.yaml goes: native eager, native with
+#                                      # train.compile, megablocks
 #   scripts/gpu_session.sh e2e [STEPS] [-- OVERRIDES]  # benchmarks/e2e.py on configs/gpu_moe_1b.yaml
 #                                      # (default 100 steps), e.g. e2e 100 -- --train.compile=true,
 #                                      # or side by side: e2e 200 --backend native --variant eager
@@ -96,9 +97,12 @@ while (( $# )); do
             ;;
         profile)
             shift
-            for backend in native megablocks; do
-                step "${PROFILE_TIMEOUT:-100}" "$OUT/profile.txt" \
-                    python3 benchmarks/profile_step.py -- "--moe.backend=$backend"
+            # eager native, native with train.compile (its first steps compile), megablocks
+            for overrides in "--moe.backend=native" "--moe.backend=native --train.compile=true" \
+                    "--moe.backend=megablocks"; do
+                # shellcheck disable=SC2086  # the overrides split into arguments on purpose
+                step "${PROFILE_TIMEOUT:-150}" "$OUT/profile.txt" \
+                    python3 benchmarks/profile_step.py -- $overrides
             done
             ;;
         e2e)

@@ -40,8 +40,8 @@ def test_smoke_run_reports_every_backend(tmp_path):
         ("tiny-fine", r) for r in ("uniform", "zipf")]
     for res in report["results"]:
         rows = {r["backend"]: r for r in res["rows"]}
-        assert list(rows) == ["dense", "native", "native-loop", "megablocks", "deepspeed-cf1",
-                              "deepspeed-cf2"]
+        assert list(rows) == ["dense", "native", "native-compiled", "native-loop", "megablocks",
+                              "deepspeed-cf1", "deepspeed-cf2"]
         assert rows["megablocks"]["skipped"] == "megablocks needs CUDA"
         assert rows["dense"]["vs_dense"] == 1.0
         for name, r in rows.items():
@@ -55,6 +55,9 @@ def test_smoke_run_reports_every_backend(tmp_path):
         # reference once (its row counts); the native layer keeps less than the loop for backward.
         assert (rows["native"]["sync_ops"], rows["native-loop"]["sync_ops"]) == (0, 1)
         assert 0 < rows["native"]["saved_mib"] < rows["native-loop"]["saved_mib"]
+        # fusing the elementwise math changes neither
+        assert rows["native-compiled"]["sync_ops"] == 0
+        assert rows["native-compiled"]["saved_mib"] == rows["native"]["saved_mib"]
         # --profile native: where its step goes, for native only.
         ops = rows["native"]["profile"]
         assert ops and all(0 < op["share"] <= 1 and op["ms_per_step"] > 0 for op in ops)
