@@ -53,7 +53,8 @@ EAGER = Pointwise(_swiglu, _swiglu_grads)
 def compiled_pointwise() -> Pointwise:
     """The same two functions through torch.compile: each one fused kernel (Triton on CUDA).
     Eager they read or write an (N, F) tensor 5 times forward and 16 backward (with the
-    recompute); fused, 3 and 9 (one of them writing back the overwritten input gradient). Shapes are dynamic (N changes with the routing under expert parallelism)."""
+    recompute); fused, 3 and 9 (one of them writing back the overwritten input gradient).
+    Shapes are dynamic: N changes with the routing under expert parallelism."""
     return Pointwise(torch.compile(_swiglu, dynamic=True), torch.compile(_swiglu_grads, dynamic=True))
 
 
