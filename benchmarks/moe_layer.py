@@ -10,8 +10,9 @@ and fine-grained (2048, 1024, 64 experts, top-8, 16384 tokens). Routings: `unifo
 router, near-even load) and `zipf` (expert e gets a share near (e+1)^-1 / H_E: a router
 whose weights add log-Zipf biases through one input direction every token shares).
 
-Backends: native (grouped_mm), native-compiled (the same with its SwiGLU elementwise math fused
-by torch.compile, as train.compile does), native-loop (one GEMM per expert: the reference),
+Backends: native (grouped_mm), native-compiled (the same with its elementwise work fused by
+torch.compile, as train.compile does: combine, dispatch backward, SwiGLU), native-loop (one
+GEMM per expert: the readable reference),
 megablocks (skipped, saying why, where it cannot run), deepspeed at capacity factor 1 and 2
 (dropping tokens), and `dense`: three plain GEMMs over T x K rows, the same activated FLOPs
 with no routing at all, the ceiling. FLOPs are model FLOPs, 18 x T x K x D x F for forward
@@ -122,7 +123,7 @@ def build(backend: str, D: int, F_: int, E: int, K: int, router_w, weights: dict
     with torch.device(device):  # allocated where it runs, not on the host first
         layer = build_moe(D, cfg).to(dtype)
     if backend == "native-compiled":  # what train.compile does to an MoE layer
-        layer.experts.compile_pointwise()
+        layer.compile_kernels()
     with torch.no_grad():
         layer.router.weight.copy_(router_w)
         for name in ("w1_EDF", "w3_EDF", "w2_EFD"):

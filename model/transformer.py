@@ -89,7 +89,7 @@ class TransformerLM(nn.Module):
 
     def compile_dense(self) -> None:
         """torch.compile the attention, the norms and the dense FFNs in place (train.compile),
-        and the MoE experts' SwiGLU elementwise math (forward, and backward with its recompute).
+        and the native MoE layers' elementwise work around their GEMMs (compile_kernels).
 
         Per module, not the whole model: the MoE layers' dispatch has data-dependent sizes,
         custom autograd functions and collectives, which would split the graph anyway, while
@@ -102,7 +102,7 @@ class TransformerLM(nn.Module):
             block.attention.compile()
             block.ffn_norm.compile()
             if isinstance(block.ffn, MoELayer):
-                block.ffn.experts.compile_pointwise()
+                block.ffn.compile_kernels()
             else:
                 block.ffn.compile()
         self.norm.compile()

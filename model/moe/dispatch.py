@@ -19,6 +19,7 @@ Algorithm (native, dropless):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -82,25 +83,58 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inv_perm), None, None
 
 
+def _sum_slot_grads(grad_ND: torch.Tensor, inv_sort_N: torch.Tensor, K: int) -> torch.Tensor:
+    """Each token's gradient: the sum of its K slot rows, gathered from expert order."""
+    return grad_ND.index_select(0, inv_sort_N).view(-1, K, grad_ND.shape[-1]).sum(dim=1)
+
+
+def _unpermute_weighted_sum(y_ND: torch.Tensor, w_TK: torch.Tensor, inv_sort_N: torch.Tensor):
+    """The fused combine's forward: gather each token's K rows, weight (fp32) and sum."""
+    T, K = w_TK.shape
+    y_TKD = y_ND.index_select(0, inv_sort_N).view(T, K, -1)
+    return (y_TKD * w_TK.unsqueeze(-1)).sum(dim=1).to(y_ND.dtype)
+
+
+def _combine_row_grads(grad_TD: torch.Tensor, w_TK: torch.Tensor, sort_idx_N: torch.Tensor):
+    """Row n's gradient, in expert order: its token's output gradient times its weight."""
+    K = w_TK.shape[1]
+    w_N1 = w_TK.reshape(-1).index_select(0, sort_idx_N).to(grad_TD.dtype).unsqueeze(-1)
+    return grad_TD.index_select(0, sort_idx_N // K) * w_N1
+
+
+def _combine_weight_grads(grad_TD: torch.Tensor, y_ND: torch.Tensor, inv_sort_N: torch.Tensor):
+    """Weight (t, k)'s gradient: the dot product of the token's output gradient and its row."""
+    T = grad_TD.shape[0]
+    y_TKD = y_ND.index_select(0, inv_sort_N).view(T, -1, y_ND.shape[-1])
+    return torch.sum(grad_TD.unsqueeze(1) * y_TKD, dim=-1, dtype=torch.float32)
+
+
+@functools.cache
+def _compiled(fn):
+    """fn through torch.compile, once per process; dynamic shapes (the row counts change)."""
+    return torch.compile(fn, dynamic=True)
+
+
 class _ExpandToSortedSlots(torch.autograd.Function):
     """x_TD -> its K slot rows in expert order: row n is token sort_idx[n] // K.
 
     Backward gathers the gradient back to slot order with the inverse permutation and sums each
     token's K rows (in fp32 inside the reduction, one rounding), instead of index_add_'s K
-    atomic additions per token into the activations' dtype.
+    atomic additions per token into the activations' dtype. `fused`: gather and sum as one
+    compiled kernel, without the (N, D) gathered copy.
     """
 
     @staticmethod
-    def forward(ctx, x_TD, sort_idx_N, inv_sort_N, K: int):
+    def forward(ctx, x_TD, sort_idx_N, inv_sort_N, K: int, fused: bool = False):
         ctx.save_for_backward(inv_sort_N)
-        ctx.K = K
+        ctx.K, ctx.fused = K, fused
         return x_TD.index_select(0, sort_idx_N // K)
 
     @staticmethod
     def backward(ctx, grad_ND):
         (inv_sort_N,) = ctx.saved_tensors
-        grad_slots_ND = grad_ND.index_select(0, inv_sort_N)
-        return grad_slots_ND.view(-1, ctx.K, grad_ND.shape[-1]).sum(dim=1), None, None, None
+        sum_slots = _compiled(_sum_slot_grads) if ctx.fused else _sum_slot_grads
+        return sum_slots(grad_ND.contiguous(), inv_sort_N, ctx.K), None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -125,11 +159,12 @@ class DispatchPlan:
 
 def dispatch(
     x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, num_experts: int, comm: ExpertComm,
-    counts_E: torch.Tensor | None = None,
+    counts_E: torch.Tensor | None = None, fused: bool = False,
 ) -> tuple[torch.Tensor, DispatchPlan]:
     """Returns the rows for this rank's local experts, expert-major, and the plan to undo it.
     `counts_E`: the slots per global expert of `topk_idx_TK` when the caller has them already
-    (the router counted them), else they are counted here.
+    (the router counted them), else they are counted here. `fused`: the backward's gather and
+    sum as one compiled kernel.
 
     Host synchronisations: none at ep=1; at ep>1 exactly one, the split sizes.
     """
@@ -138,7 +173,7 @@ def dispatch(
     expert_N = topk_idx_TK.reshape(-1)
     sort_idx_N = torch.argsort(expert_N, stable=True)
     inv_sort_N = inverse_permutation(sort_idx_N)
-    x_sorted_ND = _ExpandToSortedSlots.apply(x_TD, sort_idx_N, inv_sort_N, K)
+    x_sorted_ND = _ExpandToSortedSlots.apply(x_TD, sort_idx_N, inv_sort_N, K, fused)
     if counts_E is None:
         counts_E = count_per_expert(expert_N, num_experts)
     if comm.size == 1:
@@ -169,9 +204,11 @@ def dispatch(
 
 
 def combine(
-    y_grouped_ND: torch.Tensor, topk_weight_TK: torch.Tensor, plan: DispatchPlan, comm: ExpertComm
+    y_grouped_ND: torch.Tensor, topk_weight_TK: torch.Tensor, plan: DispatchPlan, comm: ExpertComm,
+    fused: bool = False,
 ) -> torch.Tensor:
-    """Inverse of dispatch, then each token's weighted sum over its K expert outputs."""
+    """Inverse of dispatch, then each token's weighted sum over its K expert outputs. `fused`:
+    the un-permute, weighting and sum as compiled kernels (_FusedCombine)."""
     T, K = topk_weight_TK.shape
     y_recv_ND = y_grouped_ND
     if plan.group_idx is not None:
@@ -179,6 +216,8 @@ def combine(
         y_recv_ND = _PermuteRows.apply(y_grouped_ND, plan.inv_group_idx, plan.group_idx)
         # 3^-1: rows go back to the ranks they came from.
         y_recv_ND = comm.all_to_all(y_recv_ND, plan.input_splits, plan.output_splits)
+    if fused:
+        return _FusedCombine.apply(y_recv_ND, topk_weight_TK, plan.sort_idx_N, plan.inv_sort_idx_N)
     # 1^-1: un-permute to slot order.
     y_TKD = _PermuteRows.apply(y_recv_ND, plan.inv_sort_idx_N, plan.sort_idx_N).view(T, K, -1)
     return _WeightedSumOfChoices.apply(y_TKD, topk_weight_TK)
@@ -215,3 +254,31 @@ class _WeightedSumOfChoices(torch.autograd.Function):
         dy = grad_T1D * w_TK.to(y_TKD.dtype).unsqueeze(-1) if need_y else None
         dw = torch.sum(grad_T1D * y_TKD, dim=-1, dtype=torch.float32).to(w_TK.dtype) if need_w else None
         return dy, dw
+
+
+class _FusedCombine(torch.autograd.Function):
+    """Un-permute, weight and sum in one compiled kernel, and its backward in two.
+
+    The eager combine writes the un-permuted (N, D) rows and reads them again to weight them;
+    backward writes the (N, D) row gradients in slot order and gathers them back to expert
+    order. Here the forward reads each row once and writes (T, D); backward writes the row
+    gradients straight in expert order, and the weights' gradient reads the rows once.
+    Keeps the rows in expert order for backward (the eager path keeps them un-permuted: the same
+    bytes). The same arithmetic as _WeightedSumOfChoices (fp32 weights and sum forward, weights
+    rounded to the rows' dtype for the row gradients, fp32 sums for theirs).
+    """
+
+    @staticmethod
+    def forward(ctx, y_ND, w_TK, sort_idx_N, inv_sort_N):
+        ctx.save_for_backward(y_ND, w_TK, sort_idx_N, inv_sort_N)
+        return _compiled(_unpermute_weighted_sum)(y_ND, w_TK, inv_sort_N)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        y_ND, w_TK, sort_idx_N, inv_sort_N = ctx.saved_tensors
+        need_y, need_w = ctx.needs_input_grad[:2]
+        grad_TD = grad_TD.to(y_ND.dtype).contiguous()
+        dy = _compiled(_combine_row_grads)(grad_TD, w_TK, sort_idx_N) if need_y else None
+        dw = (_compiled(_combine_weight_grads)(grad_TD, y_ND, inv_sort_N).to(w_TK.dtype)
+              if need_w else None)
+        return dy, dw, None, None

@@ -52,6 +52,10 @@ class MoELayer(nn.Module, ABC):
     @abstractmethod
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]: ...
 
+    def compile_kernels(self) -> None:
+        """train.compile: fuse what this backend leaves to elementwise torch ops (nothing by
+        default: DeepSpeed and MegaBlocks bring their own kernels)."""
+
 
 class NativeMoE(MoELayer):
     """Dropless top-k MoE with SwiGLU experts (moe.backend = native).
@@ -66,9 +70,17 @@ class NativeMoE(MoELayer):
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__(dim, cfg)
         self.comm: ExpertComm = LocalComm()
+        self.fused = False  # compile_kernels() sets it
 
     def set_expert_parallel(self, comm: ExpertComm) -> None:
         self.comm = comm
+
+    def compile_kernels(self) -> None:
+        """torch.compile's fused kernels (Triton on CUDA) for the elementwise work around the
+        GEMMs: the dispatch backward's gather-and-sum, the combine (un-permute, weight, sum)
+        both ways, and the SwiGLU activation. Eager ops stay the readable reference."""
+        self.fused = True
+        self.experts.compile_pointwise()
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
@@ -80,7 +92,7 @@ class NativeMoE(MoELayer):
         idx_tK = route.topk_idx_TK[self.tp.rank * n : (self.tp.rank + 1) * n]
         # At tp 1 the slice is every token, which the router has counted already.
         counts_E = route.counts_E if self.tp.size == 1 else None
-        x_grouped, plan = dispatch(x_td, idx_tK, self.num_experts, self.comm, counts_E)
+        x_grouped, plan = dispatch(x_td, idx_tK, self.num_experts, self.comm, counts_E, self.fused)
         y_grouped = self.experts(x_grouped, plan.tokens_per_expert)
-        y_TD = self.tp.gather(combine(y_grouped, weight_tK, plan, self.comm))
+        y_TD = self.tp.gather(combine(y_grouped, weight_tK, plan, self.comm, self.fused))
         return y_TD.view_as(x_BSD), route

@@ -1,5 +1,5 @@
 """The native MoE layer on CUDA: grouped_mm in bf16 against the fp32 loop reference, with the
-SwiGLU elementwise math eager and fused by torch.compile (train.compile).
+elementwise work around the GEMMs eager and fused by torch.compile (train.compile).
 
 Skipped without CUDA. bf16 tolerance: outputs and gradients within 2e-2 relative to the
 tensor's largest value (bf16 has 8 bits of mantissa; the reference is fp32 on the same GPU).
@@ -25,7 +25,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 2e-2, what: str = "out
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("num_experts, top_k", [(8, 2), (64, 8)])
 def test_grouped_mm_bf16_matches_fp32_loop(num_experts, top_k, fused):
-    """fused: the SwiGLU elementwise math through torch.compile (Triton), as train.compile runs it."""
+    """fused: the elementwise work through torch.compile (Triton), as train.compile runs it."""
     torch.manual_seed(0)
     ref = NativeMoE(256, MoEConfig(num_experts=num_experts, top_k=top_k, expert_hidden=128,
                                   expert_impl="loop")).cuda()
@@ -34,7 +34,7 @@ def test_grouped_mm_bf16_matches_fp32_loop(num_experts, top_k, fused):
     fast = copy.deepcopy(ref).to(torch.bfloat16)
     fast.experts.impl = "grouped_mm"
     if fused:
-        fast.experts.compile_pointwise()
+        fast.compile_kernels()
     # The reference holds the bf16-rounded values in fp32: both route identically (the router
     # computes in fp32 either way), so only the expert math differs.
     ref.load_state_dict({k: v.float() for k, v in fast.state_dict().items()})
@@ -62,7 +62,7 @@ def test_forward_and_backward_make_no_host_sync_at_ep1(num_experts, top_k, fused
         torch.nn.init.normal_(p, std=0.05)
     layer = layer.cuda().to(torch.bfloat16)
     if fused:
-        layer.experts.compile_pointwise()
+        layer.compile_kernels()
     x = torch.randn(4, 512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn_like(x)
     layer(x)[0].backward(g)  # warm-up: first-call allocations and kernel loads
