@@ -110,8 +110,9 @@ def _combine_weight_grads(grad_TD: torch.Tensor, y_ND: torch.Tensor, inv_sort_N:
 
 
 @functools.cache
-def _compiled(fn):
-    """fn through torch.compile, once per process; dynamic shapes (the row counts change)."""
+def compiled(fn):
+    """fn through torch.compile, once per process, with dynamic shapes (row counts change with
+    the routing): the MoE layer's fused kernels (NativeMoE.compile_kernels)."""
     return torch.compile(fn, dynamic=True)
 
 
@@ -133,7 +134,7 @@ class _ExpandToSortedSlots(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_ND):
         (inv_sort_N,) = ctx.saved_tensors
-        sum_slots = _compiled(_sum_slot_grads) if ctx.fused else _sum_slot_grads
+        sum_slots = compiled(_sum_slot_grads) if ctx.fused else _sum_slot_grads
         return sum_slots(grad_ND.contiguous(), inv_sort_N, ctx.K), None, None, None, None
 
 
@@ -271,14 +272,14 @@ class _FusedCombine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_ND, w_TK, sort_idx_N, inv_sort_N):
         ctx.save_for_backward(y_ND, w_TK, sort_idx_N, inv_sort_N)
-        return _compiled(_unpermute_weighted_sum)(y_ND, w_TK, inv_sort_N)
+        return compiled(_unpermute_weighted_sum)(y_ND, w_TK, inv_sort_N)
 
     @staticmethod
     def backward(ctx, grad_TD):
         y_ND, w_TK, sort_idx_N, inv_sort_N = ctx.saved_tensors
         need_y, need_w = ctx.needs_input_grad[:2]
         grad_TD = grad_TD.to(y_ND.dtype).contiguous()
-        dy = _compiled(_combine_row_grads)(grad_TD, w_TK, sort_idx_N) if need_y else None
-        dw = (_compiled(_combine_weight_grads)(grad_TD, y_ND, inv_sort_N).to(w_TK.dtype)
+        dy = compiled(_combine_row_grads)(grad_TD, w_TK, sort_idx_N) if need_y else None
+        dw = (compiled(_combine_weight_grads)(grad_TD, y_ND, inv_sort_N).to(w_TK.dtype)
               if need_w else None)
         return dy, dw, None, None

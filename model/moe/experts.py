@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.errors import ConfigError
+from model.moe.dispatch import compiled
 
 
 def _gmm(a: torch.Tensor, b: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ def compiled_pointwise() -> Pointwise:
     Eager they read or write an (N, F) tensor 5 times forward and 16 backward (with the
     recompute); fused, 3 and 9 (one of them writing back the overwritten input gradient).
     Shapes are dynamic: N changes with the routing under expert parallelism."""
-    return Pointwise(torch.compile(_swiglu, dynamic=True), torch.compile(_swiglu_grads, dynamic=True))
+    return Pointwise(compiled(_swiglu), compiled(_swiglu_grads))
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
