@@ -136,32 +136,36 @@ def choose_verified(found: list[Checkpoint], job: JobConfig, env: DistEnv) -> Ch
     return None
 
 
+def _first_difference(saved: dict, job: JobConfig, fields: dict, default_ours: bool):
+    """(section.key, checkpoint's value, ours) for the first of `fields` that differ, or None.
+    A key the checkpoint lacks counts as None, or as ours with `default_ours` (a field older
+    checkpoints did not record)."""
+    for section, keys in fields.items():
+        ours = getattr(job, section)
+        for key in keys:
+            theirs = saved.get(section, {}).get(key, getattr(ours, key) if default_ours else None)
+            if theirs != getattr(ours, key):
+                return f"{section}.{key}", theirs, getattr(ours, key)
+    return None
+
+
 def check_fits(ckpt: Checkpoint, job: JobConfig) -> None:
     """The checkpoint's model must be this run's model; a resumed run must also read the same
     data in the same order, or its saved data position (samples seen) would point elsewhere.
     Raises on every rank alike (each reads the same metadata), before any collective."""
     saved = ckpt.meta.get("config", {})
-    for section, keys in ARCHITECTURE.items():
-        ours = getattr(job, section)
-        for key in keys:
-            theirs = saved.get(section, {}).get(key)
-            if theirs != getattr(ours, key):
-                raise CheckpointError(
-                    f"checkpoint {ckpt.path} does not fit this run: {section}.{key} is {theirs} "
-                    f"in the checkpoint and {getattr(ours, key)} here")
-    if not job.checkpoint.resume:
-        return
-    for section, keys in DATA_ORDER.items():
-        ours = getattr(job, section)
-        for key in keys:
-            theirs = saved.get(section, {}).get(key, getattr(ours, key))
-            if theirs != getattr(ours, key):
-                raise CheckpointError(
-                    f"cannot resume from {ckpt.path}: {section}.{key} is {theirs} in the checkpoint "
-                    f"and {getattr(ours, key)} here, which changes the order of the training "
-                    f"samples, so its data position ({ckpt.meta.get('samples_seen')} samples seen) "
-                    "would not continue the run. Keep the value, or start from its weights with "
-                    f"--checkpoint.init_from={ckpt.path} (fresh optimizer, step 0)")
+    diff = _first_difference(saved, job, ARCHITECTURE, default_ours=False)
+    if diff:
+        raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run: {diff[0]} is "
+                              f"{diff[1]} in the checkpoint and {diff[2]} here")
+    diff = _first_difference(saved, job, DATA_ORDER, default_ours=True) if job.checkpoint.resume else None
+    if diff:
+        raise CheckpointError(
+            f"cannot resume from {ckpt.path}: {diff[0]} is {diff[1]} in the checkpoint and "
+            f"{diff[2]} here, which changes the order of the training samples, so its data "
+            f"position ({ckpt.meta.get('samples_seen')} samples seen) would not continue the "
+            f"run. Keep the value, or start from its weights with --checkpoint.init_from="
+            f"{ckpt.path} (fresh optimizer, step 0)")
 
 
 def check_writable(run_dir: Path) -> None:

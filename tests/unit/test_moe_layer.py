@@ -45,20 +45,26 @@ def test_one_expert_top1_equals_dense_swiglu(impl):
     assert layer.router.weight.grad.abs().sum() == 0  # one expert: weight is 1 whatever the logits
 
 
-def test_grouped_mm_equals_loop_reference():
-    a = _layer(num_experts=6, top_k=3, impl="grouped_mm")
-    b = copy.deepcopy(a)
-    b.experts.impl = "loop"
-    x = torch.randn(4, 7, D)
+def _assert_same_layer(a, b, x, grad=None) -> None:
+    """a and b give the same output, input gradient and parameter gradients on x (fp32, up to
+    summation order); grad None backpropagates from `.sum()`, a broadcast (zero-stride) one."""
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, _ = a(xa)
     yb, _ = b(xb)
     torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
-    ya.sum().backward()  # a broadcast (zero-stride) gradient must work with grouped_mm
-    yb.sum().backward()
+    for y in (ya, yb):
+        (y if grad is not None else y.sum()).backward(grad)
     torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_grouped_mm_equals_loop_reference():
+    a = _layer(num_experts=6, top_k=3, impl="grouped_mm")
+    b = copy.deepcopy(a)
+    b.experts.impl = "loop"
+    # a broadcast (zero-stride) gradient must work with grouped_mm
+    _assert_same_layer(a, b, torch.randn(4, 7, D))
 
 
 def test_moe_equals_per_token_weighted_sum_of_experts():
@@ -117,17 +123,8 @@ def test_compiled_kernels_equal_eager():
         fused = copy.deepcopy(eager)
         fused.compile_kernels()
         x = torch.randn(3, 9, D)
-        xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-        ye, _ = eager(xe)
-        yf, _ = fused(xf)
-        torch.testing.assert_close(yf, ye, rtol=1e-5, atol=1e-6)
-        g = torch.randn_like(ye)
-        ye.backward(g)
-        yf.backward(g)
-        torch.testing.assert_close(xf.grad, xe.grad, rtol=1e-5, atol=1e-6)
-        for (name, pf), pe in zip(fused.named_parameters(), eager.parameters()):
-            torch.testing.assert_close(pf.grad, pe.grad, rtol=1e-5, atol=1e-6, msg=name)
-        fused(xf)[0].sum().backward()
+        _assert_same_layer(fused, eager, x, torch.randn(3, 9, D))
+        fused(x)[0].sum().backward()
 
 
 def test_experts_with_no_tokens_still_get_zero_gradients():
