@@ -186,7 +186,7 @@ def build_model(job: JobConfig, topology: Topology, device: torch.device,
     model = TransformerLM(job.model, job.moe)
     if init_from is not None:
         load_weights(init_from, model)
-    apply_tensor_parallel(model, topology)
+    apply_tensor_parallel(model, topology, compiled=job.train.compile)
     apply_expert_parallel(model, topology)
     if job.train.compile:
         model.compile_dense()

@@ -83,18 +83,21 @@ class _Gather(torch.autograd.Function):
 class ProcessGroupTP:
     """model.tp.TensorParallelComm over a torch.distributed tensor-parallel group."""
 
-    def __init__(self, group: dist.ProcessGroup):
+    def __init__(self, group: dist.ProcessGroup, compiled: bool = False):
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        if compiled:
+            # Under train.compile the attention around enter/exit is compiled: the collectives
+            # stay out of the graph (a clean graph break, instead of dynamo tracing into the
+            # process-group calls). Applied here, not as a decorator, because the decorator
+            # imports torch._dynamo: 3 s of start-up in every process that never compiles.
+            self.enter = torch.compiler.disable(self.enter)
+            self.exit = torch.compiler.disable(self.exit)
 
-    # Under train.compile the attention around these is compiled: the collectives stay out of
-    # the graph (a clean graph break, instead of dynamo tracing into the process-group calls).
-    @torch.compiler.disable
     def enter(self, x):
         return _Enter.apply(x, self)
 
-    @torch.compiler.disable
     def exit(self, x):
         return _Exit.apply(x, self)
 
@@ -118,15 +121,16 @@ def _shard_(linear: nn.Linear, dim: int, rank: int, size: int) -> None:
     linear.weight = shard
 
 
-def apply_tensor_parallel(model: nn.Module, topology: Topology) -> None:
+def apply_tensor_parallel(model: nn.Module, topology: Topology, compiled: bool = False) -> None:
     """Keep this tp rank's shard of every attention and dense MLP; inject the tp comm.
 
-    Call on the plainly built (same seed on every rank) model, before the optimizer exists.
+    Call on the plainly built (same seed on every rank) model, before the optimizer exists;
+    `compiled`: the model will be compiled (train.compile), so the comm stays out of its graphs.
     """
     tp = topology.size("tp")
     if tp == 1:
         return
-    comm, rank = ProcessGroupTP(topology.groups["tp"]), topology.coord("tp")
+    comm, rank = ProcessGroupTP(topology.groups["tp"], compiled), topology.coord("tp")
     for block in model.layers:
         attn = block.attention
         for linear in (attn.wq, attn.wk, attn.wv):
