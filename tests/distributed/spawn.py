@@ -2,8 +2,8 @@
 
     results = run_distributed(fn, world_size=4, args=(...), timeout_s=120)
 
-`fn(rank, world_size, *args)` must be a module-level function (processes are spawned, not
-forked). The group is joined through a FileStore in a fresh temporary file, so tests never
+`fn(rank, world_size, *args)` must be a module-level function: the processes start from a
+fork server, not from the test process, so `fn` and `args` travel pickled. The group is joined through a FileStore in a fresh temporary file, so tests never
 race for a port. Every rank's return value comes back in rank order. If any rank raises, the
 test fails with the traceback of every failing rank; ranks still running ERROR_GRACE_S after
 a failure, or at `timeout_s`, are killed and named, so a hang fails fast.
@@ -16,15 +16,23 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import sys
 import tempfile
 import time
 import traceback
 
 ERROR_GRACE_S = 10.0
+# Imported once by the fork server; every rank of every test is forked from it with these
+# loaded. A fresh interpreter per rank paid about 7 s of CPU importing them (torch, and
+# torch._dynamo, which torch.optim imports on first use), 4 ranks on 2 cores per test. The
+# server only imports: no threads, no CUDA, no process group exist in it to be forked.
+PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "model.transformer", "parallel.checkpoint",
+           "parallel.expert_parallel", "parallel.tensor_parallel", "trainer.loop"]
 
 
 def _child(fn, rank, world_size, store_path, timeout_s, args, results):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _redirect_output(store_path, rank)
     try:
         import torch
         import torch.distributed as dist
@@ -42,6 +50,31 @@ def _child(fn, rank, world_size, store_path, timeout_s, args, results):
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - every failure is reported to the parent
         results.put((rank, "error", traceback.format_exc()))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _redirect_output(store_path: str, rank: int) -> None:
+    """The fork server's stdout and stderr are those of the moment it started, not this
+    test's: each rank writes to files that the parent copies to its own (see _replay_output)."""
+    for fd, stream in ((1, "out"), (2, "err")):
+        target = os.open(f"{store_path}.{stream}{rank}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+
+
+def _replay_output(store_path: str, world_size: int) -> None:
+    """Each rank's output, rank after rank, to this process's stdout and stderr (file
+    descriptors, so pytest's capfd sees it like the output of a spawned child)."""
+    for rank in range(world_size):
+        for fd, stream in ((1, "out"), (2, "err")):
+            try:
+                with open(f"{store_path}.{stream}{rank}", "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                continue
+            os.write(fd, data)
 
 
 def _collect(procs, results, world_size: int, timeout_s: float) -> dict[int, tuple[str, object]]:
@@ -65,7 +98,8 @@ def _collect(procs, results, world_size: int, timeout_s: float) -> dict[int, tup
 
 
 def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 120.0) -> list:
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
@@ -82,6 +116,7 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 12
                 if p.is_alive():
                     p.kill()
                     p.join()
+            _replay_output(store, world_size)
     errors = [f"--- rank {r} ---\n{v}" for r, (s, v) in sorted(outcome.items()) if s == "error"]
     missing = [r for r in range(world_size) if r not in outcome]
     if errors or missing:
