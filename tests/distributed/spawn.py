@@ -30,8 +30,13 @@ PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "model.transformer", "
            "parallel.expert_parallel", "parallel.tensor_parallel", "trainer.loop"]
 
 
-def _child(fn, rank, world_size, store_path, timeout_s, args, results):
+def _child(fn, rank, world_size, store_path, timeout_s, args, results, environ, cwd):
+    # The fork server's environment and directory are those of the moment it started: take
+    # the calling test's, as a spawned child would.
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.chdir(cwd)
     _redirect_output(store_path, rank)
     try:
         import torch
@@ -103,7 +108,8 @@ def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 12
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_child, args=(fn, r, world_size, store, timeout_s, args, results))
+        procs = [ctx.Process(target=_child, args=(fn, r, world_size, store, timeout_s, args, results,
+                                                     dict(os.environ), os.getcwd()))
                  for r in range(world_size)]
         for p in procs:
             p.start()
