@@ -19,7 +19,7 @@ from parallel.data_parallel import clip_gradients_, reduce_gradients
 from parallel.expert_parallel import apply_expert_parallel, split_parameters
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import Layout, Topology
-from tests.distributed.spawn import case_result, run_cases
+from tests.distributed.spawn import case_result, run_cases, run_distributed
 from trainer.config import TrainConfig
 from trainer.optim import build_optimizer
 
@@ -114,3 +114,41 @@ def test_deepspeed_backend_step_equals_native_reference(results, ep):
     The load-balancing loss is left out (coefficient 0): DeepSpeed's top-2 form counts only
     first choices, by design; the z-loss is in."""
     case_result(results, (4, 1, ep, "deepspeed"))
+
+
+def _compiled_tp_step(rank, world):
+    """train.compile at tp 2: an eager and a compiled model from the same weights. What is
+    under test is where dynamo cuts the graphs, so the blocks' attention and dense FFN (the
+    modules holding tp collectives) are compiled with the aot_eager backend: Inductor's
+    kernels cost half a minute of C++ here and are checked by tests/unit/test_model.py."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    topo = Topology.create(Layout(world_size=world, dp=1, ep=1, tp=world))
+    torch.manual_seed(0)
+    eager = TransformerLM(CFG, dataclasses.replace(MOE, every_n_layers=0))
+    compiled = copy.deepcopy(eager)
+    apply_tensor_parallel(eager, topo)
+    apply_tensor_parallel(compiled, topo, compiled=True)
+    for block in compiled.layers:
+        block.attention.compile(backend="aot_eager")
+        block.ffn.compile(backend="aot_eager")
+    counters.clear()
+    tokens = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
+    outs = [m(tokens[:, :-1], tokens[:, 1:]) for m in (eager, compiled)]
+    for out in outs:
+        out.loss.backward()
+    torch.testing.assert_close(outs[1].loss, outs[0].loss, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    return {reason.split("\n")[0]: n for reason, n in counters["graph_break"].items()}
+
+
+@pytest.mark.distributed
+def test_compiled_tp2_equals_eager_with_the_collectives_outside_the_graphs():
+    """train.compile with tensor parallelism: the same loss and gradients as eager on every
+    rank, and the tp comm's collectives are clean graph breaks (torch.compiler.disable), not
+    traced (without it dynamo breaks inside them, at the collectives' bookkeeping)."""
+    for breaks in run_distributed(_compiled_tp_step, 2, timeout_s=300):
+        assert set(breaks) == {"Skip calling `torch.compiler.disable()`d function"}, breaks
