@@ -307,11 +307,14 @@ def plot(rows: list[dict], mode: str, path: Path) -> bool:
 
 
 def read_summary(run_dir: Path) -> dict | None:
-    """The run's summary.json (trainer/loop.py), or None when it is missing or unreadable."""
+    """The run's summary.json (trainer/loop.py), or None when it is missing or unreadable, or
+    when the run stopped early on a signal (a preempted attempt whose job was not requeued or
+    whose requeue has not ended yet): its figures would cover fewer steps than asked."""
     try:
-        return json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
+    return None if summary.get("stopped") else summary
 
 
 def main(argv: list[str] | None = None) -> int:

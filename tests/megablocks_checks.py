@@ -27,15 +27,7 @@ import torch.nn.functional as F
 from model.config import ModelConfig, MoEConfig
 from model.moe import build_moe
 from model.transformer import TransformerLM
-
-BF16 = torch.bfloat16
-
-
-def close(a: torch.Tensor, b: torch.Tensor, rel: float = 2e-2, what: str = "output") -> None:
-    err = (a.float() - b.float()).abs().max().item()
-    scale = b.float().abs().max().item()
-    assert err <= rel * scale, f"{what}: max error {err:.3e} > {rel} x {scale:.3e}"
-
+from tests.tolerance import BF16, close
 
 PRECISIONS = ("bf16", "fp32", "autocast")
 

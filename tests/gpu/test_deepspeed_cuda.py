@@ -17,7 +17,7 @@ import torch
 
 from model.config import MoEConfig
 from model.moe import build_moe
-from tests.megablocks_checks import BF16, close
+from tests.tolerance import BF16, close
 
 pytestmark = [
     pytest.mark.gpu,

@@ -12,14 +12,9 @@ import torch
 
 from model.config import MoEConfig
 from model.moe import NativeMoE
+from tests.tolerance import close
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 2e-2, what: str = "output") -> None:
-    err = (a.float() - b.float()).abs().max().item()
-    scale = b.float().abs().max().item()
-    assert err <= rel * scale, f"{what}: max error {err:.3e} > {rel} x {scale:.3e}"
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "compiled"])
@@ -42,13 +37,13 @@ def test_grouped_mm_bf16_matches_fp32_loop(num_experts, top_k, fused):
     x_ref, x_fast = x.float().requires_grad_(), x.clone().requires_grad_()
     y_ref, _ = ref(x_ref)
     y_fast, _ = fast(x_fast)
-    _close(y_fast, y_ref)
+    close(y_fast, y_ref)
     g = torch.randn_like(y_ref)
     y_ref.backward(g)
     y_fast.backward(g.to(torch.bfloat16))
-    _close(x_fast.grad, x_ref.grad)
+    close(x_fast.grad, x_ref.grad)
     for (name, p_fast), p_ref in zip(fast.named_parameters(), ref.parameters()):
-        _close(p_fast.grad, p_ref.grad, rel=3e-2, what=f"grad of {name}")
+        close(p_fast.grad, p_ref.grad, rel=3e-2, what=f"grad of {name}")
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "compiled"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.sweep import _key, plan
+from launcher.sweep import _key, plan, read_summary
 from model.errors import ConfigError
 
 TINY = ["--config", "configs/cpu_tiny.yaml"]
@@ -43,6 +43,16 @@ def test_the_same_world_on_another_node_layout_is_another_experiment(tmp_path):
     config.write_text("model:\n  dim: 128\n")
     assert _key(point) != before
     assert _key(point, "slurm") != _key(point, "local")
+
+
+def test_a_run_stopped_by_a_signal_is_not_a_finished_point(tmp_path):
+    """A preempted attempt writes summary.json too, with "stopped": the sweep must neither
+    report its figures nor reuse it."""
+    assert read_summary(tmp_path) is None
+    (tmp_path / "summary.json").write_text('{"steps": 3, "stopped": "SIGUSR1 at step 3"}')
+    assert read_summary(tmp_path) is None
+    (tmp_path / "summary.json").write_text('{"steps": 6}')
+    assert read_summary(tmp_path) == {"steps": 6}
 
 
 def test_expert_parallelism_can_be_fixed():
