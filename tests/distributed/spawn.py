@@ -4,9 +4,10 @@
 
 `fn(rank, world_size, *args)` must be a module-level function: the processes start from a
 fork server, not from the test process, so `fn` and `args` travel pickled. The group is
-joined through a FileStore in a fresh temporary file, so tests never race for a port. Every rank's return value comes back in rank order. If any rank raises, the
-test fails with the traceback of every failing rank; ranks still running ERROR_GRACE_S after
-a failure, or at `timeout_s`, are killed and named, so a hang fails fast.
+joined through a FileStore in a fresh temporary file, so tests never race for a port. Every
+rank's return value comes back in rank order. If any rank raises, the test fails with the
+traceback of every failing rank; ranks still running ERROR_GRACE_S after a failure, or at
+`timeout_s`, are killed and named, so a hang fails fast.
 """
 
 from __future__ import annotations
