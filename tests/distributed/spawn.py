@@ -103,9 +103,21 @@ def _collect(procs, results, world_size: int, timeout_s: float) -> dict[int, tup
     return outcome
 
 
-def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 120.0) -> list:
+def _context():
+    """The fork server on machines without CUDA (CI, laptops). Where CUDA is present, fresh
+    interpreters, as before: a fork server whose imports had initialised the CUDA driver would
+    fork children that cannot use it, and the few GPU tests do not need the speed."""
+    import torch
+
+    if torch.cuda.is_available():
+        return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def run_distributed(fn, world_size: int, args: tuple = (), timeout_s: float = 120.0) -> list:
+    ctx = _context()
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
