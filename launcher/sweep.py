@@ -186,6 +186,7 @@ def run_point(point: Point, launcher: str, template: str | None, sbatch_args: li
             return proc.returncode
         job = proc.stdout.strip().split(";")[0]
         log.write(f"submitted job {job}; its output: slurm-{job}.out\n")
+        log.flush()  # readable while the sweep waits for the job
         return wait_for_job(job)
 
 

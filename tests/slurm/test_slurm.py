@@ -8,7 +8,8 @@
    resume=auto and ends at the same final losses as the uninterrupted job (bitwise: the resume
    is exact, tests/distributed/test_resume.py).
 3. The scaling sweep (launcher.sweep --launcher slurm) submits one job per point and collects
-   their summaries into the CSV and plot.
+   their summaries into the CSV and plot; a point whose job is preempted is waited for
+   through the requeue, and the resumed run is what it reports.
 
 Skipped, with the reason, where Slurm is not installed or cannot start (`.ci/run` installs
 Debian's slurmctld, slurmd, slurm-client and munge).
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import threading
 import time
 from pathlib import Path
 
@@ -78,6 +81,28 @@ def _wait(cluster, job, predicate, timeout, what):
     raise AssertionError(f"job {job}: {what} not seen in {timeout}s; {cluster.job_state(job)}")
 
 
+def _preempt_and_release(cluster, job, log) -> None:
+    """`scancel --signal=USR1` once the job has evaluated, then wait through its requeue to
+    its end. Slurm holds a requeued job for 2 minutes (its begin time): its start is moved to
+    now, but only once the first attempt is gone from the node and a few seconds have passed.
+    Started at once, the new launch carries a credential from the same second as the
+    requeue's revocation and slurmd kills it ("Job credential revoked", exit 1, seen in CI).
+    And an update made before the job turns PENDING is lost."""
+    _wait(cluster, job, lambda: log.exists() and "eval loss" in log.read_text(), 180, "training")
+    assert cluster.run("scancel", "--signal=USR1", job).returncode == 0
+    _wait(cluster, job, lambda: int(cluster.job_state(job).get("Restarts", 0)) >= 1, 120, "the requeue")
+    seen = time.monotonic()
+
+    def started_and_done() -> bool:
+        state = cluster.job_state(job).get("JobState")
+        idle = cluster.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle"
+        if state == "PENDING" and idle and time.monotonic() - seen > 3:
+            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+        return state == "COMPLETED"
+
+    _wait(cluster, job, started_and_done, 180, "the end")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
@@ -98,26 +123,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(cluster, uninter
     proc = _submit(cluster, run_dir, log)
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
-    _wait(cluster, job, lambda: log.exists() and "eval loss" in log.read_text(), 180, "training")
-    assert cluster.run("scancel", "--signal=USR1", job).returncode == 0
-    # Slurm makes a requeued job wait 2 minutes (its begin time); start it now instead.
-    requeued = lambda: int(cluster.job_state(job).get("Restarts", 0)) >= 1  # noqa: E731
-    _wait(cluster, job, requeued, 120, "the requeue")
-    seen = time.monotonic()
-
-    def started_and_done() -> bool:
-        # Slurm holds a requeued job for 2 minutes; the test moves its start to now, but only
-        # once the first attempt is gone from the node and a few seconds have passed. Started
-        # at once, the new launch carries a credential from the same second as the requeue's
-        # revocation and slurmd kills it ("Job credential revoked", exit 1, seen in CI). And
-        # an update made before the job turns PENDING is lost.
-        state = cluster.job_state(job).get("JobState")
-        idle = cluster.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle"
-        if state == "PENDING" and idle and time.monotonic() - seen > 3:
-            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-        return state == "COMPLETED"
-
-    _wait(cluster, job, started_and_done, 180, "the end")
+    _preempt_and_release(cluster, job, log)
     output = log.read_text()
     state = cluster.job_state(job)
     assert state["JobState"] == "COMPLETED", output[-3000:]
@@ -162,3 +168,35 @@ def test_scaling_sweep_submits_one_job_per_point(cluster, tmp_path, monkeypatch,
         (job_log,) = (Path(r["run_dir"])).glob("slurm-*.out")
         assert "launch: slurm" in job_log.read_text()
     assert (out / "scaling_strong.png").stat().st_size > 10_000
+
+
+def test_sweep_waits_for_a_preempted_point_through_its_requeue(cluster, tmp_path, monkeypatch, capsys):
+    """A point's job preempted mid-run (USR1): the sweep neither stops at the first attempt
+    nor reports its figures; it waits for the requeued job, which resumes and ends, and
+    reports that run."""
+    from launcher.sweep import main as sweep
+
+    monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
+    out = tmp_path / "sweep"
+    argv = ["--launcher", "slurm", "--nodes", "1", "--per-node", "2", "--mode", "strong",
+            "--out", str(out), "--no-plots", "--", *JOB]
+    ended: list[int] = []
+    thread = threading.Thread(target=lambda: ended.append(sweep(argv)), daemon=True)
+    thread.start()
+    launch_log, job = out / "strong_1x2" / "launch.log", None
+    deadline = time.monotonic() + 60
+    while job is None:
+        assert time.monotonic() < deadline and thread.is_alive(), "the sweep ended, or submitted no job, within 60 s"
+        found = re.search(r"submitted job (\d+)", launch_log.read_text() if launch_log.exists() else "")
+        job = found and found.group(1)
+        time.sleep(0.2)
+    _preempt_and_release(cluster, job, out / "strong_1x2" / f"slurm-{job}.out")
+    thread.join(timeout=60)
+    printed = capsys.readouterr().out
+    assert ended == [0], printed
+    with open(out / "scaling.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["world"], r["status"]) for r in rows] == [("2", "ok")], printed
+    summary = json.loads((out / "strong_1x2" / "summary.json").read_text())
+    assert summary["steps"] == 20 and "stopped" not in summary
+    assert int(cluster.job_state(job).get("Restarts", 0)) >= 1
