@@ -186,8 +186,10 @@ def test_sweep_waits_for_a_preempted_point_through_its_requeue(cluster, tmp_path
     launch_log, job = out / "strong_1x2" / "launch.log", None
     deadline = time.monotonic() + 60
     while job is None:
-        assert time.monotonic() < deadline and thread.is_alive(), "the sweep ended, or submitted no job, within 60 s"
-        found = re.search(r"submitted job (\d+)", launch_log.read_text() if launch_log.exists() else "")
+        assert time.monotonic() < deadline and thread.is_alive(), \
+            "the sweep ended, or submitted no job, within 60 s"
+        text = launch_log.read_text() if launch_log.exists() else ""
+        found = re.search(r"submitted job (\d+)", text)
         job = found and found.group(1)
         time.sleep(0.2)
     _preempt_and_release(cluster, job, out / "strong_1x2" / f"slurm-{job}.out")
