@@ -61,10 +61,13 @@ def _child(fn, rank, world_size, store_path, timeout_s, args, results, environ, 
         sys.stderr.flush()
 
 
+_OUTPUTS = ((1, "out"), (2, "err"))  # file descriptor, suffix of the rank's file
+
+
 def _redirect_output(store_path: str, rank: int) -> None:
     """The fork server's stdout and stderr are those of the moment it started, not this
     test's: each rank writes to files that the parent copies to its own (see _replay_output)."""
-    for fd, stream in ((1, "out"), (2, "err")):
+    for fd, stream in _OUTPUTS:
         target = os.open(f"{store_path}.{stream}{rank}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(target, fd)
         os.close(target)
@@ -74,7 +77,7 @@ def _replay_output(store_path: str, world_size: int) -> None:
     """Each rank's output, rank after rank, to this process's stdout and stderr (file
     descriptors, so pytest's capfd sees it like the output of a spawned child)."""
     for rank in range(world_size):
-        for fd, stream in ((1, "out"), (2, "err")):
+        for fd, stream in _OUTPUTS:
             try:
                 with open(f"{store_path}.{stream}{rank}", "rb") as f:
                     data = f.read()
