@@ -26,10 +26,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.single_process import SMOKE_ARGS  # noqa: E402
 from trainer.metrics import text_table  # noqa: E402
 
-SMOKE_ARGS = ["--model.dim=32", "--model.n_layers=2", "--model.n_heads=2", "--moe.expert_hidden=32",
-              "--train.micro_batch_size=2", "--train.seq_len=32", "--parallel.dp=1", "--parallel.ep=1"]
 COLUMNS = [("  operation", "op", "  {}", 48), ("ms/step", "ms_per_step", "{:.3f}", 9),
            ("share", "share", "{:.3f}", 7), ("calls/step", "calls_per_step", "{:.0f}", 11)]
 
@@ -48,37 +47,25 @@ def main(argv: list[str] | None = None) -> int:
     config = args.config or ("configs/cpu_tiny.yaml" if args.smoke else "configs/gpu_moe_1b.yaml")
     if args.smoke:
         extra = SMOKE_ARGS + extra
-    device = torch.device("cuda", 0) if torch.cuda.is_available() and not args.smoke else torch.device("cpu")
 
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from benchmarks.moe_layer import rank_ops
-    from launcher.config import load_config
-    from launcher.env import DistEnv, init_distributed, shutdown_distributed
+    from benchmarks.single_process import single_process
     from model.flops import model_cost
-    from model.transformer import TransformerLM
-    from parallel.topology import Topology
-    from trainer.optim import build_stepper, compute_dtype, lr_at
+    from trainer.optim import build_stepper, lr_at
 
-    job = load_config(["--config", config, *extra])
-    layout = job.validate(1)
-    init_distributed(DistEnv(0, 0, 1, 1, "127.0.0.1", 29512, "single"),
-                     "nccl" if device.type == "cuda" else "gloo", 300)
-    try:
-        topo = Topology.create(layout)
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = TransformerLM(job.model, job.moe)
-        dtype = compute_dtype(job.train.precision, device)
-        stepper = build_stepper(model, topo, job.train, job.parallel.zero_stage, local_rank=0, dtype=dtype)
-        autocast = job.parallel.zero_stage == 0 and dtype == torch.bfloat16
+    with single_process(["--config", config, *extra], args.smoke, 29512) as setup:
+        job, device = setup.job, setup.device
+        model = setup.model()
+        stepper = build_stepper(model, setup.topology, job.train, job.parallel.zero_stage, local_rank=0,
+                                dtype=setup.dtype)
         B, S = job.train.micro_batch_size, job.train.seq_len
-        batch = torch.randint(0, job.model.vocab_size, (B, S + 1), device=device)
+        batch = setup.batch()
 
         def step(i: int) -> None:
             stepper.begin(lr_at(i, job.train))
-            with record_function("forward"), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                            enabled=autocast):
+            with record_function("forward"), setup.autocast():
                 out = stepper.forward(batch[:, :-1], batch[:, 1:])
             with record_function("backward"):
                 stepper.backward(out.loss)
@@ -123,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
             row["op"] = row["op"][:48]
         print(text_table(rows, COLUMNS))
         return 0
-    finally:
-        shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -188,6 +188,7 @@ def build_model(job: JobConfig, topology: Topology, device: torch.device,
         load_weights(init_from, model)
     apply_tensor_parallel(model, topology, compiled=job.train.compile)
     apply_expert_parallel(model, topology)
+    model.set_recompute(job.train.recompute)
     if job.train.compile:
         model.compile_dense()
     return model.to(device)
@@ -223,7 +224,9 @@ def run(argv: list[str]) -> dict:
         trainer = Trainer(job, model, topology, device, data, env.local_rank)
         if env.rank == 0:
             compiled = ", torch.compile on the dense parts" if job.train.compile else ""
-            print(f"device: {device}, compute {trainer.precision_label()}{compiled}")
+            recompute = (f", recompute {job.train.recompute} in backward"
+                         if job.train.recompute != "none" else "")
+            print(f"device: {device}, compute {trainer.precision_label()}{compiled}{recompute}")
         if resume is not None:
             trainer.resume(resume)
         summary = trainer.fit()

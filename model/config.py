@@ -17,6 +17,7 @@ NOISY_GATE_POLICIES = ("none", "jitter", "rsample")
 DEEPSPEED_ONLY = ("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens",
                   "use_rts", "noisy_gate_policy", "second_expert_sampling")
 EXPERT_IMPLS = ("grouped_mm", "loop")
+RECOMPUTE = ("none", "ffn", "full")  # train.recompute, applied by TransformerLM.set_recompute
 
 
 @dataclass

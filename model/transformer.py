@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from model.config import ModelConfig, MoEConfig
+from model.config import RECOMPUTE, ModelConfig, MoEConfig
+from model.errors import check_choice
 from model.layers import Attention, RMSNorm, SwiGLU, rotary_tables
 from model.moe import MoELayer, RouterOutput, build_moe
 
@@ -39,6 +41,13 @@ class ModelOutput:
     """Token-slots dropped for lack of capacity per MoE layer on this rank (0 when dropless)."""
 
 
+def _recomputed(fn, *args):
+    """fn(*args), keeping none of its activations: backward runs it again to get them
+    (torch.utils.checkpoint, non-reentrant: any outputs, autocast and the RNG state restored,
+    and the recomputed tensors checked against the first run's shapes and dtypes)."""
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, ffn: nn.Module):
         super().__init__()
@@ -46,13 +55,25 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = ffn
+        self.recompute = "none"  # TransformerLM.set_recompute
 
     def forward(self, h, cos, sin) -> tuple[torch.Tensor, RouterOutput | None]:
+        if self.recompute == "full" and torch.is_grad_enabled():
+            return _recomputed(self._forward, h, cos, sin)
+        return self._forward(h, cos, sin)
+
+    def _forward(self, h, cos, sin) -> tuple[torch.Tensor, RouterOutput | None]:
         h = h + self.attention(self.attention_norm(h), cos, sin)
+        if self.recompute == "ffn" and torch.is_grad_enabled():
+            out, route = _recomputed(self._feed_forward, h)
+        else:
+            out, route = self._feed_forward(h)
+        return h + out, route
+
+    def _feed_forward(self, h) -> tuple[torch.Tensor, RouterOutput | None]:
         if isinstance(self.ffn, MoELayer):
-            out, route = self.ffn(self.ffn_norm(h))
-            return h + out, route
-        return h + self.ffn(self.ffn_norm(h)), None
+            return self.ffn(self.ffn_norm(h))
+        return self.ffn(self.ffn_norm(h)), None
 
 
 class TransformerLM(nn.Module):
@@ -106,6 +127,13 @@ class TransformerLM(nn.Module):
             else:
                 block.ffn.compile()
         self.norm.compile()
+
+    def set_recompute(self, mode: str) -> None:
+        """train.recompute: none, ffn (each block's feed-forward runs again in backward) or full
+        (each whole block does). Training only: under no_grad nothing is kept anyway."""
+        check_choice("train.recompute", mode, RECOMPUTE)
+        for block in self.layers:
+            block.recompute = mode
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoELayer)]

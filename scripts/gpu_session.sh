@@ -8,6 +8,8 @@
 #   scripts/gpu_session.sh profile     # benchmarks/profile_step.py: where a training step of
 #                                      # configs/gpu_moe_1b.yaml goes: native eager, native with
 #                                      # train.compile, megablocks
+#   scripts/gpu_session.sh memory      # benchmarks/activation_memory.py: train.recompute none, ffn,
+#                                      # full on configs/gpu_moe_1b.yaml: memory held, time, peak
 #   scripts/gpu_session.sh e2e [STEPS] [-- OVERRIDES]  # benchmarks/e2e.py on configs/gpu_moe_1b.yaml
 #                                      # (default 100 steps), e.g. e2e 100 -- --train.compile=true,
 #                                      # or side by side: e2e 200 --backend native --variant eager
@@ -21,7 +23,7 @@
 # .gpu_wheels/built/ already holds the wheels: a build leaves them in $OUT/built, so copy those
 # back into .gpu_wheels/built/ and later calls skip the build; a failed build is logged and the
 # steps run without MegaBlocks (its tests and rows say why). Each step is cut off at its own
-# limit (TEST_TIMEOUT, LAYER_TIMEOUT, PROFILE_TIMEOUT, E2E_TIMEOUT seconds; E2E_RUN_TIMEOUT per backend) and at DEADLINE seconds from the
+# limit (TEST_TIMEOUT, LAYER_TIMEOUT, PROFILE_TIMEOUT, MEMORY_TIMEOUT, E2E_TIMEOUT seconds; E2E_RUN_TIMEOUT per backend) and at DEADLINE seconds from the
 # start (default 570, inside one 10-minute call), so a hang leaves the other steps' output.
 # Logs and JSON go to $OUT (default runs/gpu_session): setup.log, the built wheels, each step's
 # log and JSON, a failed e2e run's log tail; at most 8 files come back from a device call.
@@ -76,7 +78,7 @@ step() {
     timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log" || FAILED+=("$*")
 }
 
-[[ "$STEP" =~ ^(test|layer|profile|e2e)$ ]] || { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
+[[ "$STEP" =~ ^(test|layer|profile|memory|e2e)$ ]] || { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 setup 2>&1 | tee "$OUT/setup.log"
 export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 while (( $# )); do
@@ -105,6 +107,11 @@ while (( $# )); do
                     python3 benchmarks/profile_step.py -- $overrides
             done
             ;;
+        memory)
+            shift
+            step "${MEMORY_TIMEOUT:-240}" "$OUT/activation_memory.txt" \
+                python3 benchmarks/activation_memory.py --json "$OUT/activation_memory.json"
+            ;;
         e2e)
             shift
             steps=100
@@ -120,7 +127,7 @@ while (( $# )); do
             done
             break
             ;;
-        *) die "unknown step $1 (test, layer, profile, e2e)";;
+        *) die "unknown step $1 (test, layer, profile, memory, e2e)";;
     esac
 done
 if (( ${#FAILED[@]} )); then

@@ -96,15 +96,18 @@ def layer_equals_native(device: str, num_experts: int, top_k: int, tokens: int,
         assert (p_m.grad[idle] == 0).all(), f"experts.{name}: an idle expert has a gradient"
 
 
-def transformer_equals_native(device: str, dim: int = 256, seq: int = 128, batch: int = 4) -> None:
+def transformer_equals_native(device: str, dim: int = 256, seq: int = 128, batch: int = 4,
+                              recompute: str = "none") -> None:
     """The whole model: block 0 dense, block 1 MoE (so the MoE input, and with it the routing,
-    is the same in both models). Loss, its parts, the expert load and every gradient."""
+    is the same in both models). Loss, its parts, the expert load and every gradient.
+    `recompute`: the megablocks model's train.recompute (the native one keeps its activations)."""
     model_cfg = ModelConfig(dim=dim, n_layers=2, n_heads=4, ffn_hidden=2 * dim, max_seq_len=seq)
     moe = {"num_experts": 8, "top_k": 2, "expert_hidden": dim, "every_n_layers": 2}
     torch.manual_seed(0)
     native = TransformerLM(model_cfg, MoEConfig(**moe))
     mega = TransformerLM(model_cfg, MoEConfig(**moe, backend="megablocks"))
     mega.load_state_dict(native.state_dict())
+    mega.set_recompute(recompute)
     native, mega = native.to(device, BF16), mega.to(device, BF16)
     tokens = torch.randint(0, 256, (batch, seq + 1), device=device)
     out_n = native(tokens[:, :-1], tokens[:, 1:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.config import RECOMPUTE
 from model.errors import ConfigError, check_choice, check_positive
 
 DATA_SOURCES = ("stdlib", "text", "tokens")
@@ -50,6 +51,12 @@ class TrainConfig:
     blocks share one compiled graph per part, and the state dict keeps its names. The MoE
     layers stay eager (data-dependent dispatch, their own autograd functions, collectives).
     The first step pays the compilation (seconds on a GPU, ~15 s on a small CPU)."""
+    recompute: str = "none"
+    """Activation checkpointing: none; ffn (each block's feed-forward, the norm and the MoE
+    layer, runs again in backward: an MoE layer's activations grow with top_k, the attention's
+    do not); full (each whole block runs again, keeping only its input). Trades one more
+    forward of what is recomputed (with expert parallelism, its all-to-alls too) for memory.
+    MFU counts the model's FLOPs only, so recomputing lowers it."""
     precision: str = "auto"
     """Compute dtype: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16. bf16 at zero_stage 0 is
     autocast: fp32 weights, gradients and Adam state, the matmuls, attention and expert GEMMs
@@ -73,6 +80,7 @@ class TrainConfig:
                 f"({self.grad_clip}) must be >= 0"
             )
         check_choice("train.precision", self.precision, PRECISIONS)
+        check_choice("train.recompute", self.recompute, RECOMPUTE)
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} ({getattr(self, name)}) must be in [0, 1)")

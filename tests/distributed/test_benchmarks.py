@@ -1,6 +1,6 @@
 """The end-to-end benchmark's harness on CPU (benchmarks/e2e.py --smoke): a torchrun run of
 the native backend, its summary read back; megablocks skipped, with the reason, without CUDA.
-No speed is asserted."""
+And the smoke runs of profile_step.py and activation_memory.py. No speed is asserted."""
 
 from __future__ import annotations
 
@@ -81,6 +81,21 @@ def test_profile_step_smoke_times_and_ranks_a_training_step():
     for region in ("forward", "backward", "optimizer"):
         assert f"  {region}: " in out, out
     assert out.count("\n  aten::") + out.count("\n  autograd") + out.count("\n  _") >= 1, out
+
+
+def test_activation_memory_smoke_compares_the_recompute_modes(tmp_path):
+    """Its rows: one per mode, the memory held falling from none to ffn to full (exact bytes,
+    not timings: tests/unit/test_recompute.py says by how much)."""
+    out_json = tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, "benchmarks/activation_memory.py", "--smoke", "--warmup", "1",
+                           "--steps", "1", "--json", str(out_json)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["none", "ffn", "full"]
+    assert rows[0]["held_ratio"] == 1.0 and rows[0]["held_bytes"] > rows[1]["held_bytes"] > rows[2]["held_bytes"] > 0
+    assert all(r["step_ms"] > 0 and r["peak_gib"] is None for r in rows)  # no CUDA peak on a CPU
+    assert "recompute  held MiB" in proc.stdout, proc.stdout
 
 
 def test_e2e_reads_the_loss_curve_of_a_run_cut_off(tmp_path):

@@ -191,13 +191,16 @@ def test_dp2_tp2_ep2_tracks_dp4_ep4_on_the_same_global_batch(default_run, tmp_pa
     the same learning rates (warmup). The two differ only in the load-balancing loss (each
     rank computes it on its own tokens) and fp32 summation order; measured over 20 steps:
     equal to 6 digits through step 10, then early training's sensitivity (routing flips at
-    lr 3e-3) lets them drift apart by about 1.5% at step 20. 10 steps here; tolerance 3%."""
+    lr 3e-3) lets them drift apart by about 1.5% at step 20. 10 steps here; tolerance 3%.
+    The tp2 run also recomputes its blocks in backward (train.recompute=full), which changes
+    no number (tests/unit/test_recompute.py): here it goes through the launcher's config."""
     proc = torchrun(4, "--config", TINY, f"--train.steps={EVAL_EVERY}", f"--train.eval_interval={EVAL_EVERY}",
                     "--logging.log_interval=5", "--logging.tensorboard=false", "--parallel.dp=2",
                     "--parallel.tp=2", "--parallel.ep=2", "--train.micro_batch_size=16",
-                    f"--logging.run_dir={tmp_path}")
+                    "--train.recompute=full", f"--logging.run_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "world 4 = dp 2 x tp 2; ep 2" in proc.stdout
+    assert "recompute full in backward" in proc.stdout
     tp2 = json.loads((tmp_path / "summary.json").read_text())
     dp4 = default_run[1]
     a = [x for x in dp4["train"] + dp4["evals"] if x["step"] <= EVAL_EVERY]

@@ -32,9 +32,10 @@ TRAIN = TrainConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.5)
 NATIVE = {f: getattr(MoEConfig, f) for f in ("backend", "drop_tokens", "use_rts")}
 
 
-def _step(rank, world, dp, tp, ep, backend="native"):
-    """The reference is always the native backend on one process; `backend` is the layer the
-    parallel model uses, loaded with the reference's (canonical) weights."""
+def _step(rank, world, dp, tp, ep, backend="native", recompute="none"):
+    """The reference is always the native backend on one process, keeping its activations;
+    `backend` is the layer the parallel model uses, loaded with the reference's (canonical)
+    weights, and `recompute` its train.recompute (the collectives run again in backward)."""
     topo = Topology.create(Layout(world_size=world, dp=dp, ep=ep, tp=tp))
     torch.manual_seed(0)
     moe = MOE
@@ -44,6 +45,7 @@ def _step(rank, world, dp, tp, ep, backend="native"):
     ref = TransformerLM(CFG, dataclasses.replace(moe, **NATIVE))
     model = TransformerLM(CFG, moe)
     model.load_state_dict(ref.state_dict())
+    model.set_recompute(recompute)
     apply_tensor_parallel(model, topo)
     apply_expert_parallel(model, topo)
     tokens = torch.randint(0, 64, (dp, 4, 17), generator=torch.Generator().manual_seed(1))
@@ -88,13 +90,15 @@ LAYOUTS = [  # (dp, tp, ep)
 
 
 CASES = [(dp, tp, ep, "native") for dp, tp, ep in LAYOUTS] + [(4, 1, ep, "deepspeed") for ep in (1, 2, 4)]
+RECOMPUTED = [(2, 2, 2, "native", "full"), (4, 1, 4, "native", "ffn"), (4, 1, 2, "deepspeed", "full")]
+CASES += RECOMPUTED
 
 
 @pytest.fixture(scope="module")
 def results():
     """Every case of one world size in one set of processes."""
     out = {}
-    for world in sorted({dp * tp for dp, tp, _, _ in CASES}):
+    for world in sorted({c[0] * c[1] for c in CASES}):
         out |= run_cases(_step, world, [c for c in CASES if c[0] * c[1] == world], timeout_s=400)
     return out
 
@@ -114,6 +118,15 @@ def test_deepspeed_backend_step_equals_native_reference(results, ep):
     The load-balancing loss is left out (coefficient 0): DeepSpeed's top-2 form counts only
     first choices, by design; the z-loss is in."""
     case_result(results, (4, 1, ep, "deepspeed"))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", RECOMPUTED, ids=[f"dp{a}-tp{b}-ep{c}-{d}-{e}" for a, b, c, d, e in RECOMPUTED])
+def test_recomputed_step_equals_single_process_reference(results, case):
+    """train.recompute with tensor and expert parallelism: the backward runs the blocks' (or
+    the feed-forwards') forward again, all-to-alls and tp collectives included, on every rank
+    in the same order, and the step still equals the reference."""
+    case_result(results, case)
 
 
 def _compiled_tp_step(rank, world):

@@ -6,7 +6,8 @@ one-process reference (plain torch AdamW on the unsharded model, loss = mean ove
 micro-batches): the pre-clip global gradient norm of every step (rtol 1e-4: the norm is what
 reveals a gradient scaled by ep, which Adam's update alone would hide) and every parameter
 after the third step (atol 1e-5, rtol 1e-4, over entries whose gradients are not ~0, see
-test_layouts.py). Also: the groups DeepSpeed uses are our groups, not copies.
+test_layouts.py). Also: the groups DeepSpeed uses are our groups, not copies. Stage 2 runs with
+train.recompute=full: its gradient hooks see the blocks' forward run again inside backward.
 """
 
 import copy
@@ -75,6 +76,7 @@ def _run(rank, world, dp, tp, ep):
         model = copy.deepcopy(base)
         apply_tensor_parallel(model, topo)
         apply_expert_parallel(model, topo)
+        model.set_recompute("full" if stage == 2 else "none")  # changes no number (test_recompute.py)
         stepper = build_stepper(model, topo, TRAIN, stage, local_rank=rank)
         if stage:
             _check_groups_are_ours(stepper, topo)

@@ -40,8 +40,9 @@ def test_layer_with_fp32_weights_equals_native(precision):
     checks.layer_equals_native("cuda", 8, 2, 2048, precision=precision)
 
 
-def test_transformer_loss_and_gradients_equal_native_bf16():
-    checks.transformer_equals_native("cuda")
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_transformer_loss_and_gradients_equal_native_bf16(recompute):
+    checks.transformer_equals_native("cuda", recompute=recompute)
 
 
 def test_documented_weight_layout_matches_megablocks_own_grouped_glu():

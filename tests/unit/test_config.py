@@ -97,6 +97,7 @@ def test_yaml_unknown_key_and_wrong_type(tmp_path):
     (["--parallel.zero_stage=3"], 4, r"parallel.zero_stage \(3\) is not available: DeepSpeed's ZeRO-3 refuses MoE"),
     (["--parallel.zero_stage=5"], 4, r"parallel.zero_stage \(5\) must be 0, 1 or 2"),
     (["--train.precision=fp16"], 4, r"train.precision \('fp16'\) must be one of: auto, fp32, bf16$"),
+    (["--train.recompute=attention"], 4, r"train.recompute \('attention'\) must be one of: none, ffn, full$"),
 ])
 def test_validation_messages_name_the_values(overrides, world, message):
     job = load_config(["--config", TINY, *overrides])

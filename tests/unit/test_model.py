@@ -111,7 +111,8 @@ def test_weight_decay_only_on_matrices():
 def test_compile_dense_equals_eager_and_keeps_names():
     """train.compile: the same loss and gradients as eager (fp32, up to kernel rounding), the
     same state-dict names (checkpoints unchanged), one graph per module type for all blocks,
-    and the MoE layers' elementwise work fused too."""
+    and the MoE layers' elementwise work fused too. With train.recompute=full as well, the
+    backward reruns the same compiled graphs."""
     import copy
 
     from torch._dynamo.utils import counters
@@ -119,20 +120,23 @@ def test_compile_dense_equals_eager_and_keeps_names():
     torch.manual_seed(0)
     # every_n_layers=2: dense FFN blocks (compiled) and MoE blocks (eager) both present.
     eager = TransformerLM(CFG, MoEConfig(num_experts=4, top_k=2, expert_hidden=16, every_n_layers=2))
-    compiled = copy.deepcopy(eager)
-    compiled.compile_dense()
+    compiled, recomputed = copy.deepcopy(eager), copy.deepcopy(eager)
+    recomputed.set_recompute("full")
+    for m in (compiled, recomputed):
+        m.compile_dense()
     assert list(compiled.state_dict()) == list(eager.state_dict())
     assert all(m.fused and m.experts.pointwise is compiled_pointwise() for m in compiled.moe_layers())
     assert all(not m.fused and m.experts.pointwise is EAGER for m in eager.moe_layers())
     torch._dynamo.reset()
     counters.clear()
     x = torch.randint(0, 64, (2, 16))
-    outs = [m(x, x) for m in (eager, compiled)]
+    outs = [m(x, x) for m in (eager, compiled, recomputed)]
     for out in outs:
         out.loss.backward()
-    torch.testing.assert_close(outs[1].loss, outs[0].loss, rtol=1e-5, atol=1e-6)
-    for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for model, out in ((compiled, outs[1]), (recomputed, outs[2])):
+        torch.testing.assert_close(out.loss, outs[0].loss, rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     # norm, attention, dense SwiGLU; the MoE layers' SwiGLU forward and backward, combine
     # forward, its two gradients, the dispatch's gradient: 9 graphs whatever the number of
     # blocks (no recompiles).

@@ -1,0 +1,65 @@
+"""A launcher config's model in a world of one, as the trainer builds and runs it: the shared
+set-up of benchmarks/profile_step.py and benchmarks/activation_memory.py."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+# A tiny model for --smoke runs on CPU (on top of configs/cpu_tiny.yaml).
+SMOKE_ARGS = ["--model.dim=32", "--model.n_layers=2", "--model.n_heads=2", "--moe.expert_hidden=32",
+              "--train.micro_batch_size=2", "--train.seq_len=32", "--parallel.dp=1", "--parallel.ep=1"]
+
+
+@dataclass
+class Setup:
+    job: object  # launcher.config.JobConfig
+    topology: object  # parallel.topology.Topology
+    device: torch.device
+    dtype: torch.dtype
+    """The compute dtype (trainer.optim.compute_dtype)."""
+    autocast_bf16: bool
+    """Whether the trainer would run the forward under bf16 autocast (zero_stage 0, bf16)."""
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
+
+    def batch(self, seed: int = 0) -> torch.Tensor:
+        """(micro_batch_size, seq_len + 1) random token ids: inputs [:, :-1], targets [:, 1:]."""
+        train = self.job.train
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, self.job.model.vocab_size, (train.micro_batch_size, train.seq_len + 1),
+                               generator=gen)
+        return tokens.to(self.device)
+
+    def model(self):
+        """The config's model as the trainer builds it (launcher.train.build_model: the seed,
+        train.recompute, train.compile), on the device."""
+        from launcher.train import build_model
+
+        return build_model(self.job, self.topology, self.device)
+
+
+@contextlib.contextmanager
+def single_process(argv: list[str], smoke: bool, port: int) -> Iterator[Setup]:
+    """`argv`: launcher.train arguments (--config ... and overrides). CUDA device 0 when there
+    is one and not `smoke`, else the CPU; a gloo or nccl group of one around the block."""
+    from launcher.config import load_config
+    from launcher.env import DistEnv, init_distributed, shutdown_distributed
+    from parallel.topology import Topology
+    from trainer.optim import compute_dtype
+
+    job = load_config(argv)
+    layout = job.validate(1)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() and not smoke else torch.device("cpu")
+    init_distributed(DistEnv(0, 0, 1, 1, "127.0.0.1", port, "single"),
+                     "nccl" if device.type == "cuda" else "gloo", 300)
+    try:
+        dtype = compute_dtype(job.train.precision, device)
+        yield Setup(job, Topology.create(layout), device, dtype,
+                    job.parallel.zero_stage == 0 and dtype == torch.bfloat16)
+    finally:
+        shutdown_distributed()
