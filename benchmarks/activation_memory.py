@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.single_process import SMOKE_ARGS  # noqa: E402
+from benchmarks.single_process import add_arguments, launcher_args  # noqa: E402
 from trainer.metrics import text_table  # noqa: E402
 
 MODES = ("none", "ffn", "full")
@@ -81,18 +81,13 @@ def timed(setup, warmup: int, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=None, help="default configs/gpu_moe_1b.yaml (smoke: cpu_tiny)")
-    parser.add_argument("--smoke", action="store_true")
+    add_arguments(parser)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="-- then more launcher.train overrides")
     args = parser.parse_args(argv)
-    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    config = args.config or ("configs/cpu_tiny.yaml" if args.smoke else "configs/gpu_moe_1b.yaml")
-    if args.smoke:
-        extra = SMOKE_ARGS + extra
+    config, extra = launcher_args(args)
 
     from benchmarks.single_process import single_process
 

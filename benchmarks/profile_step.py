@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.single_process import SMOKE_ARGS  # noqa: E402
+from benchmarks.single_process import add_arguments, launcher_args  # noqa: E402
 from trainer.metrics import text_table  # noqa: E402
 
 COLUMNS = [("  operation", "op", "  {}", 48), ("ms/step", "ms_per_step", "{:.3f}", 9),
@@ -35,18 +35,13 @@ COLUMNS = [("  operation", "op", "  {}", 48), ("ms/step", "ms_per_step", "{:.3f}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=None, help="default configs/gpu_moe_1b.yaml (smoke: cpu_tiny)")
-    parser.add_argument("--smoke", action="store_true")
+    add_arguments(parser)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="-- then more launcher.train overrides")
     args = parser.parse_args(argv)
-    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    config = args.config or ("configs/cpu_tiny.yaml" if args.smoke else "configs/gpu_moe_1b.yaml")
-    if args.smoke:
-        extra = SMOKE_ARGS + extra
+    config, extra = launcher_args(args)
 
     from torch.profiler import ProfilerActivity, profile, record_function
 

@@ -3,6 +3,7 @@ set-up of benchmarks/profile_step.py and benchmarks/activation_memory.py."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,6 +13,20 @@ import torch
 # A tiny model for --smoke runs on CPU (on top of configs/cpu_tiny.yaml).
 SMOKE_ARGS = ["--model.dim=32", "--model.n_layers=2", "--model.n_heads=2", "--moe.expert_hidden=32",
               "--train.micro_batch_size=2", "--train.seq_len=32", "--parallel.dp=1", "--parallel.ep=1"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, --smoke and, after `--`, launcher.train overrides."""
+    parser.add_argument("--config", default=None, help="default configs/gpu_moe_1b.yaml (smoke: cpu_tiny)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="-- then more launcher.train overrides")
+
+
+def launcher_args(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """(the config file, its overrides) from add_arguments' arguments."""
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    config = args.config or ("configs/cpu_tiny.yaml" if args.smoke else "configs/gpu_moe_1b.yaml")
+    return config, (SMOKE_ARGS + extra if args.smoke else extra)
 
 
 @dataclass
