@@ -8,8 +8,9 @@
 For each mode (none, ffn, full), side by side in one run, on the config's model in a world of
 one as the trainer builds it, one fixed batch:
 - held: the bytes the forward leaves for its backward (benchmarks/saved_tensors.held_bytes:
-  every storage made during the forward and alive after it, parameters aside). Exact on any
-  device; with train.compile only the eager operations are seen, so it is measured eagerly.
+  every storage made during the forward and alive after it, parameters aside; storage bytes,
+  not the CUDA allocator's rounded blocks). train.compile is set aside for it: only eager
+  operations are seen.
 - fwd+bwd: the median time of forward + backward (no optimizer step), after warmup.
 - peak (CUDA): the allocator's peak over a timed step, parameters and gradients included.
 Ratios are to mode none.
@@ -46,9 +47,13 @@ def held(setup) -> int:
     model = setup.model()
     setup.job.train.compile = compile_
     batch = setup.batch()
-    with setup.autocast():
-        nbytes, out = held_bytes(lambda: model(batch[:, :-1], batch[:, 1:]),
-                                 [*model.parameters(), *model.buffers(), batch])
+
+    def forward():
+        # Autocast ends inside: its cache of bf16 weight copies goes with it, as in training.
+        with setup.autocast():
+            return model(batch[:, :-1], batch[:, 1:])
+
+    nbytes, out = held_bytes(forward, [*model.parameters(), *model.buffers(), batch])
     out.loss.backward()
     return nbytes
 

@@ -61,7 +61,9 @@ def held_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -
     tensors kept on an autograd context) and fn's result, but not storages that existed
     before (pass the parameters in `exclude`, whose views count as theirs). saved_tensor_bytes
     cannot see through activation checkpointing, whose hooks pack in its place; this can.
-    Exact on any device, meta included; only eager operations are seen.
+    It counts storage bytes at the size an operation returned them (not an allocator's rounded
+    blocks); an in-place operation on a tensor made before the call counts that storage as made
+    inside it, unless it is in `exclude`. Any device, meta included; eager operations only.
     """
     existing = {StorageWeakRef(t.untyped_storage()).cdata for t in exclude}
     mode = _Allocations()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from model.config import RECOMPUTE, ModelConfig, MoEConfig
 from model.errors import check_choice
@@ -44,8 +44,15 @@ class ModelOutput:
 def _recomputed(fn, *args):
     """fn(*args), keeping none of its activations: backward runs it again to get them
     (torch.utils.checkpoint, non-reentrant: any outputs, autocast and the RNG state restored,
-    and the recomputed tensors checked against the first run's shapes and dtypes)."""
-    return checkpoint(fn, *args, use_reentrant=False)
+    and the recomputed tensors checked against the first run's shapes and dtypes).
+
+    The rerun goes to the end of fn: torch's early stop would end it inside fn, at the last
+    tensor backward needs, so whatever fn does after that (the tp collectives that close the
+    region, the deepspeed backend dropping the aux loss MOELayer keeps) would happen only the
+    first time. What follows that tensor is cheap (the combine's weighted sum, a residual add).
+    """
+    with set_checkpoint_early_stop(False):
+        return checkpoint(fn, *args, use_reentrant=False)
 
 
 class Block(nn.Module):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from model.config import ModelConfig, MoEConfig
 from model.moe import build_moe
 from model.transformer import TransformerLM
+from tests.recompute_probe import FeedForwardCalls
 from tests.tolerance import BF16, close
 
 PRECISIONS = ("bf16", "fp32", "autocast")
@@ -108,6 +109,7 @@ def transformer_equals_native(device: str, dim: int = 256, seq: int = 128, batch
     mega = TransformerLM(model_cfg, MoEConfig(**moe, backend="megablocks"))
     mega.load_state_dict(native.state_dict())
     mega.set_recompute(recompute)
+    calls = FeedForwardCalls(mega)
     native, mega = native.to(device, BF16), mega.to(device, BF16)
     tokens = torch.randint(0, 256, (batch, seq + 1), device=device)
     out_n = native(tokens[:, :-1], tokens[:, 1:])
@@ -121,6 +123,7 @@ def transformer_equals_native(device: str, dim: int = 256, seq: int = 128, batch
     close(out_m.loss, out_n.loss, what="loss")
     out_n.loss.backward()
     out_m.loss.backward()
+    calls.expect(recompute)
     grads_m = dict(mega.named_parameters())
     for name, p_n in native.named_parameters():
         close(grads_m[name].grad, p_n.grad, rel=3e-2, what=f"{name} grad")

@@ -137,4 +137,9 @@ class DeepSpeedMoE(MoELayer):
         y_BSD = self._moe(x_BSD, None)
         route = dataclasses.replace(route, aux_loss=self._moe.l_aux.float(),
                                     dropped_slots=self.gate.dropped_slots)
+        # MOELayer keeps l_aux until its next call. Under train.recompute the backward runs this
+        # forward again, and the l_aux it leaves is never backpropagated: kept, it would hold
+        # that rerun's saved activations (the gate's, the norm's; with recompute=full the
+        # attention's too) through the optimizer step.
+        self._moe.l_aux = None
         return y_BSD, route

@@ -20,6 +20,7 @@ from parallel.expert_parallel import apply_expert_parallel, split_parameters
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import Layout, Topology
 from tests.distributed.spawn import case_result, run_cases, run_distributed
+from tests.recompute_probe import FeedForwardCalls
 from trainer.config import TrainConfig
 from trainer.optim import build_optimizer
 
@@ -46,6 +47,7 @@ def _step(rank, world, dp, tp, ep, backend="native", recompute="none"):
     model = TransformerLM(CFG, moe)
     model.load_state_dict(ref.state_dict())
     model.set_recompute(recompute)
+    calls = FeedForwardCalls(model)
     apply_tensor_parallel(model, topo)
     apply_expert_parallel(model, topo)
     tokens = torch.randint(0, 64, (dp, 4, 17), generator=torch.Generator().manual_seed(1))
@@ -63,6 +65,7 @@ def _step(rank, world, dp, tp, ep, backend="native", recompute="none"):
     if backend == "native":
         torch.testing.assert_close(out.aux_loss, ref_out[d].aux_loss, **TOL)
     out.loss.backward()
+    calls.expect(recompute)
     dense, expert = split_parameters(model)
     reduce_gradients(dense, expert, topo)
     grads = gather_global(model, topo, {n: p.grad for n, p in model.named_parameters()})

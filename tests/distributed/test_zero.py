@@ -23,6 +23,7 @@ from parallel.expert_parallel import apply_expert_parallel
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import Layout, Topology
 from tests.distributed.spawn import case_result, run_cases
+from tests.recompute_probe import FeedForwardCalls
 from trainer.config import TrainConfig
 from trainer.optim import build_optimizer, build_stepper, lr_at
 
@@ -76,7 +77,9 @@ def _run(rank, world, dp, tp, ep):
         model = copy.deepcopy(base)
         apply_tensor_parallel(model, topo)
         apply_expert_parallel(model, topo)
-        model.set_recompute("full" if stage == 2 else "none")  # changes no number (test_recompute.py)
+        recompute = "full" if stage == 2 else "none"  # changes no number (test_recompute.py)
+        model.set_recompute(recompute)
+        calls = FeedForwardCalls(model)
         stepper = build_stepper(model, topo, TRAIN, stage, local_rank=rank)
         if stage:
             _check_groups_are_ours(stepper, topo)
@@ -87,6 +90,7 @@ def _run(rank, world, dp, tp, ep):
                 x = tokens[step, micro, d]
                 stepper.backward(stepper.forward(x[:, :-1], x[:, 1:]).loss)
             norms.append(stepper.finish().float().reshape(()))
+        calls.expect(recompute, steps=TRAIN.steps * TRAIN.grad_accum)
         torch.testing.assert_close(torch.stack(norms), ref_norms, rtol=1e-4, atol=0,
                                    msg=f"grad norms, zero_stage {stage}")
         params = gather_global(model, topo, {n: p.detach() for n, p in model.named_parameters()})

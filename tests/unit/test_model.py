@@ -111,8 +111,8 @@ def test_weight_decay_only_on_matrices():
 def test_compile_dense_equals_eager_and_keeps_names():
     """train.compile: the same loss and gradients as eager (fp32, up to kernel rounding), the
     same state-dict names (checkpoints unchanged), one graph per module type for all blocks,
-    and the MoE layers' elementwise work fused too. With train.recompute=full as well, the
-    backward reruns the same compiled graphs."""
+    and the MoE layers' elementwise work fused too. With train.recompute=full as well: the same
+    numbers, and no further graphs."""
     import copy
 
     from torch._dynamo.utils import counters

@@ -13,6 +13,7 @@ from benchmarks.saved_tensors import held_bytes
 from model.config import ModelConfig, MoEConfig
 from model.errors import ConfigError
 from model.transformer import TransformerLM
+from tests.recompute_probe import FeedForwardCalls
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=4, n_heads=4, ffn_hidden=64, max_seq_len=16)
 # every_n_layers=2: blocks with a dense FFN and blocks with an MoE layer.
@@ -23,10 +24,12 @@ def _step(mode: str, moe: MoEConfig = MOE, cfg: ModelConfig = CFG, autocast: boo
     torch.manual_seed(0)
     model = TransformerLM(cfg, moe)
     model.set_recompute(mode)
+    calls = FeedForwardCalls(model)
     x = torch.randint(0, cfg.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = model(x, x)
     out.loss.backward()
+    calls.expect(mode)
     return out, {n: p.grad for n, p in model.named_parameters()}
 
 
@@ -69,12 +72,36 @@ def _held(mode: str, n_layers: int) -> int:
 
 def test_full_recompute_holds_one_input_per_block_and_ffn_holds_less_than_none():
     """Per two blocks (one dense, one MoE): `full` holds exactly their two (B, S, D) fp32 inputs
-    and the MoE layer's statistics (E int64 counts; entropy, aux and z losses); `ffn` holds the
-    attention's activations but not the feed-forwards'; `none` holds all."""
+    and the MoE layer's statistics the model returns (E int64 counts, the fp32 entropy, the int64
+    dropped-slot count); `ffn` holds the attention's activations but not the feed-forwards';
+    `none` holds all."""
     per_two_blocks = {mode: _held(mode, 4) - _held(mode, 2) for mode in ("none", "ffn", "full")}
-    inputs, statistics = 2 * 3 * 16 * CFG.dim * 4, MOE.num_experts * 8 + 3 * 4
+    inputs, statistics = 2 * 3 * 16 * CFG.dim * 4, MOE.num_experts * 8 + 4 + 8
     assert per_two_blocks["full"] == inputs + statistics, per_two_blocks
     assert per_two_blocks["full"] < per_two_blocks["ffn"] < per_two_blocks["none"], per_two_blocks
+
+
+@pytest.mark.parametrize("backend", ["native", "deepspeed"])
+def test_nothing_outlives_a_recomputed_step(backend):
+    """After forward, backward and clearing the gradients, a recomputed step leaves nothing
+    behind. DeepSpeed's MOELayer keeps its last aux loss (l_aux); the one from the recompute
+    inside backward is never backpropagated, and kept it would hold that rerun's activations
+    until the layer's next forward (the deepspeed backend drops it)."""
+    moe = MoEConfig(backend=backend, num_experts=4, top_k=2, expert_hidden=16, every_n_layers=2,
+                    **({"drop_tokens": False} if backend == "deepspeed" else {}))
+    left = {}
+    for mode in ("none", "ffn", "full"):
+        torch.manual_seed(0)
+        model = TransformerLM(CFG, moe)
+        model.set_recompute(mode)
+        x = torch.randint(0, CFG.vocab_size, (3, 16))
+
+        def step():
+            model(x, x).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        left[mode], _ = held_bytes(step, [*model.parameters(), *model.buffers(), x])
+    assert left["ffn"] <= left["none"] and left["full"] <= left["none"] < 1024, left
 
 
 def test_held_bytes_counts_what_outlives_the_call_once():
