@@ -39,8 +39,10 @@ COLUMNS = [("recompute", "mode", "{}", 9), ("held MiB", "held_mib", "{:.1f}", 10
            ("/none", "time_ratio", "{:.3f}", 7), ("peak GiB", "peak_gib", "{:.2f}", 9)]
 
 
-def held(setup) -> int:
-    """The bytes one eager forward leaves for its backward (train.compile set aside)."""
+def measure(setup, warmup: int, steps: int) -> dict:
+    """One mode: the bytes one eager forward leaves for its backward, then (compiled if
+    train.compile, in place) the median forward + backward time after `warmup` steps and the
+    CUDA peak over the timed ones. One model per mode: building 1.7 B parameters takes a while."""
     from benchmarks.saved_tensors import held_bytes
 
     compile_, setup.job.train.compile = setup.job.train.compile, False
@@ -53,14 +55,11 @@ def held(setup) -> int:
         with setup.autocast():
             return model(batch[:, :-1], batch[:, 1:])
 
-    nbytes, out = held_bytes(forward, [*model.parameters(), *model.buffers(), batch])
+    held, out = held_bytes(forward, [*model.parameters(), *model.buffers(), batch])
     out.loss.backward()
-    return nbytes
-
-
-def timed(setup, warmup: int, steps: int) -> dict:
-    """The median forward + backward time after `warmup` steps, and the CUDA peak over them."""
-    model, batch = setup.model(), setup.batch()
+    del out
+    if compile_:
+        model.compile_dense()
     cuda = setup.device.type == "cuda"
 
     def step() -> None:
@@ -81,7 +80,8 @@ def timed(setup, warmup: int, steps: int) -> dict:
         step()
         times.append(time.perf_counter() - began)
     peak = torch.cuda.max_memory_allocated(setup.device) / 2**30 if cuda else None
-    return {"step_ms": statistics.median(times) * 1e3, "peak_gib": peak}
+    return {"held_bytes": held, "held_mib": held / 2**20, "step_ms": statistics.median(times) * 1e3,
+            "peak_gib": peak}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes:
             job.train.recompute = mode
             print(f"recompute {mode} ...", flush=True)
-            nbytes = held(setup)
-            rows.append({"mode": mode, "held_bytes": nbytes, "held_mib": nbytes / 2**20}
-                        | timed(setup, args.warmup, args.steps))
+            rows.append({"mode": mode} | measure(setup, args.warmup, args.steps))
             if setup.device.type == "cuda":
                 torch.cuda.empty_cache()
     base = next((r for r in rows if r["mode"] == "none"), rows[0])

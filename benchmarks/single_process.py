@@ -37,7 +37,7 @@ class Setup:
     dtype: torch.dtype
     """The compute dtype (trainer.optim.compute_dtype)."""
     autocast_bf16: bool
-    """Whether the trainer would run the forward under bf16 autocast (zero_stage 0, bf16)."""
+    """Whether the trainer would run the forward under bf16 autocast (trainer.optim.uses_autocast)."""
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16)
@@ -65,7 +65,7 @@ def single_process(argv: list[str], smoke: bool, port: int) -> Iterator[Setup]:
     from launcher.config import load_config
     from launcher.env import DistEnv, init_distributed, shutdown_distributed
     from parallel.topology import Topology
-    from trainer.optim import compute_dtype
+    from trainer.optim import compute_dtype, uses_autocast
 
     job = load_config(argv)
     layout = job.validate(1)
@@ -74,7 +74,6 @@ def single_process(argv: list[str], smoke: bool, port: int) -> Iterator[Setup]:
                      "nccl" if device.type == "cuda" else "gloo", 300)
     try:
         dtype = compute_dtype(job.train.precision, device)
-        yield Setup(job, Topology.create(layout), device, dtype,
-                    job.parallel.zero_stage == 0 and dtype == torch.bfloat16)
+        yield Setup(job, Topology.create(layout), device, dtype, uses_autocast(job.parallel.zero_stage, dtype))
     finally:
         shutdown_distributed()

@@ -33,7 +33,7 @@ from trainer.metrics import (
     peak_flops,
     peak_memory,
 )
-from trainer.optim import build_stepper, compute_dtype, lr_at
+from trainer.optim import build_stepper, compute_dtype, lr_at, uses_autocast
 from trainer.signals import Preempted, StopSignals
 
 # Fault injection for the tests: "RANK@STEP" makes that rank exit abruptly (code 13) after
@@ -71,8 +71,7 @@ class Trainer:
         self.dtype = compute_dtype(self.cfg.precision, device)
         self.stepper = build_stepper(model, topology, self.cfg, job.parallel.zero_stage, local_rank,
                                      self.dtype)
-        # zero_stage 0 computes in bf16 through autocast (fp32 weights); ZeRO casts the model.
-        self.autocast_bf16 = job.parallel.zero_stage == 0 and self.dtype == torch.bfloat16
+        self.autocast_bf16 = uses_autocast(job.parallel.zero_stage, self.dtype)
         self.sampler, self.val = data.sampler, data.val_batches
         self.is_main = topology.rank == 0
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main and job.logging.tensorboard)

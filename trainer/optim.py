@@ -49,6 +49,12 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
 
 
+def uses_autocast(zero_stage: int, dtype: torch.dtype) -> bool:
+    """Whether the forward runs under bf16 autocast: at zero_stage 0 a bf16 compute dtype is
+    autocast over fp32 weights; ZeRO (stages 1, 2) casts the model to bf16 itself."""
+    return zero_stage == 0 and dtype == torch.bfloat16
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup from lr/warmup to lr
     over warmup_steps, then cosine decay to lr * min_lr_ratio at the last step."""
