@@ -51,7 +51,8 @@ class JobConfig:
             raise ConfigError(f"WORLD_SIZE ({world_size}) must be divisible by parallel.tp ({par.tp})")
         dp = par.dp if par.dp is not None else world_size // par.tp
         layout = Layout(world_size=world_size, dp=dp, ep=par.ep, tp=par.tp)
-        for name, value in (("model.n_heads", m.n_heads), ("model.ffn_hidden", m.ffn_hidden)):
+        for name, value in (("model.n_heads", m.n_heads), ("model.ffn_hidden", m.ffn_hidden),
+                            ("moe.shared_expert_hidden", moe.shared_expert_hidden)):
             if value % par.tp:
                 raise ConfigError(f"{name} ({value}) must be divisible by parallel.tp ({par.tp})")
         if moe.backend in ("deepspeed", "megablocks") and par.tp > 1:

@@ -76,6 +76,10 @@ class MoEConfig:
     """Hidden size of each SwiGLU expert."""
     every_n_layers: int = 1
     """Blocks i with (i + 1) % every_n_layers == 0 use an MoE FFN; 1 = every block, 0 = none."""
+    shared_expert_hidden: int = 0
+    """Hidden size of a shared expert: a dense SwiGLU that every token passes through, its
+    output added to the routed experts' (DeepSeekMoE's shared experts, as one wider MLP).
+    0 = none. Any backend; under tensor parallelism it is split like a dense FFN."""
     renormalize: bool | None = None
     """Rescale each token's top-k router probabilities to sum to 1. None (the default): when
     top_k > 1. At top_k 1 renormalising makes every combine weight exactly 1, so the router
@@ -100,7 +104,7 @@ class MoEConfig:
     """deepspeed backend: capacity is at least this many token-slots per expert."""
     drop_tokens: bool = True
     """deepspeed backend: drop token-slots beyond capacity (they then pass through the residual
-    only); false = capacity grows to the largest expert load in the ep group, nothing dropped."""
+    and the shared expert only); false = capacity grows to the largest expert load in the ep group, nothing dropped."""
     use_rts: bool = True
     """deepspeed backend, top_k 1: random token selection when dropping (else first come)."""
     noisy_gate_policy: str = "none"
@@ -120,6 +124,10 @@ class MoEConfig:
             )
         if self.every_n_layers < 0:
             raise ConfigError(f"moe.every_n_layers ({self.every_n_layers}) must be >= 0")
+        if self.shared_expert_hidden < 0:
+            raise ConfigError(
+                f"moe.shared_expert_hidden ({self.shared_expert_hidden}) must be >= 0 (0 = no shared expert)"
+            )
         if self.aux_loss_coef < 0 or self.z_loss_coef < 0:
             raise ConfigError(
                 f"moe.aux_loss_coef ({self.aux_loss_coef}) and moe.z_loss_coef "

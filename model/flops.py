@@ -6,8 +6,8 @@ so a faster implementation of the same model gets a higher MFU and never a padde
 
 Per token, forward = 2 x (activated matmul parameters) + causal attention; training =
 3 x forward (backward costs twice the forward). Activated matmul parameters per layer:
-attention wq, wk, wv, wo (4 D^2); an MoE layer's router (D x E) and top_k SwiGLU experts
-(3 D F_e each); a dense layer's SwiGLU (3 D F); plus the output projection (D x V). The
+attention wq, wk, wv, wo (4 D^2); an MoE layer's router (D x E), top_k SwiGLU experts
+(3 D F_e each) and its shared expert if any (3 D F_s); a dense layer's SwiGLU (3 D F); plus the output projection (D x V). The
 embedding lookup is not a matmul and is not counted. Causal attention: QK^T and AV cost
 2 x 2 x D x c per token and layer, where c is the number of keys the token attends to, on
 average (S + 1) / 2 for a causal sequence of S tokens; the often-quoted 12 L D S (PaLM)
@@ -37,14 +37,14 @@ def model_cost(model: ModelConfig, moe: MoEConfig, seq_len: int) -> ModelCost:
     n_dense = L - n_moe
     attention = 4 * D * D
     expert = 3 * D * moe.expert_hidden
-    router = D * moe.num_experts
+    moe_dense = D * moe.num_experts + 3 * D * moe.shared_expert_hidden  # router, shared expert
     dense_ffn = 3 * D * model.ffn_hidden
     head = D * V
     norms = (2 * L + 1) * D
     embedding = 0 if model.tie_embeddings else V * D
-    total = (L * attention + n_moe * (router + moe.num_experts * expert) + n_dense * dense_ffn
+    total = (L * attention + n_moe * (moe_dense + moe.num_experts * expert) + n_dense * dense_ffn
              + head + norms + embedding)
-    activated = L * attention + n_moe * (router + moe.top_k * expert) + n_dense * dense_ffn + head
+    activated = L * attention + n_moe * (moe_dense + moe.top_k * expert) + n_dense * dense_ffn + head
     attention_scores = L * 4 * D * (seq_len + 1) / 2
     return ModelCost(total, activated, 3 * (2 * activated + attention_scores))
 

@@ -116,8 +116,9 @@ class TransformerLM(nn.Module):
                 p.normal_(0.0, std)
 
     def compile_dense(self) -> None:
-        """torch.compile the attention, the norms and the dense FFNs in place (train.compile),
-        and the native MoE layers' elementwise work around their GEMMs (compile_kernels).
+        """torch.compile the attention, the norms and the dense FFNs (shared experts included) in
+        place (train.compile), and the native MoE layers' elementwise work around their GEMMs
+        (compile_kernels).
 
         Per module, not the whole model: the MoE layers' dispatch has data-dependent sizes,
         custom autograd functions and collectives, which would split the graph anyway, while
@@ -131,6 +132,8 @@ class TransformerLM(nn.Module):
             block.ffn_norm.compile()
             if isinstance(block.ffn, MoELayer):
                 block.ffn.compile_kernels()
+                if block.ffn.shared is not None:
+                    block.ffn.shared.compile()
             else:
                 block.ffn.compile()
         self.norm.compile()

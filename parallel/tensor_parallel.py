@@ -1,7 +1,8 @@
 """Tensor parallelism as a transform: shard the dense weights, inject the region collectives.
 
-Attention splits its heads (wq, wk, wv column-parallel, wo row-parallel); the dense SwiGLU
-splits its hidden units (w1, w3 column-parallel, w2 row-parallel). The embedding, the output
+Attention splits its heads (wq, wk, wv column-parallel, wo row-parallel); the dense SwiGLU,
+and an MoE layer's shared expert, split their hidden units (w1, w3 column-parallel, w2
+row-parallel). The embedding, the output
 projection, the norms and the router stay replicated: with the byte vocabulary (256) a
 vocabulary-parallel embedding and cross-entropy would save nothing and add two collectives;
 they pay off at 32k+ vocabularies. MoE experts are not split by tp: each tp rank dispatches
@@ -140,8 +141,16 @@ def apply_tensor_parallel(model: nn.Module, topology: Topology, compiled: bool =
         attn.tp = comm
         if isinstance(block.ffn, MoELayer):  # replicated router and experts, token slices
             block.ffn.tp = comm
+            if block.ffn.shared is not None:
+                _shard_swiglu(block.ffn.shared, comm, rank, tp)
         else:
-            for linear in (block.ffn.w1, block.ffn.w3):
-                _shard_(linear, 0, rank, tp)
-            _shard_(block.ffn.w2, 1, rank, tp)
-            block.ffn.tp = comm
+            _shard_swiglu(block.ffn, comm, rank, tp)
+
+
+def _shard_swiglu(ffn: nn.Module, comm: ProcessGroupTP, rank: int, tp: int) -> None:
+    """A dense SwiGLU (a block's FFN or an MoE layer's shared expert): w1, w3 column-parallel,
+    w2 row-parallel, the tp comm's all-reduce at its exit."""
+    for linear in (ffn.w1, ffn.w3):
+        _shard_(linear, 0, rank, tp)  # nn.Linear weight is (out, in): rows = output units
+    _shard_(ffn.w2, 1, rank, tp)
+    ffn.tp = comm

@@ -98,12 +98,14 @@ def layer_equals_native(device: str, num_experts: int, top_k: int, tokens: int,
 
 
 def transformer_equals_native(device: str, dim: int = 256, seq: int = 128, batch: int = 4,
-                              recompute: str = "none") -> None:
+                              recompute: str = "none", shared: int = 0) -> None:
     """The whole model: block 0 dense, block 1 MoE (so the MoE input, and with it the routing,
     is the same in both models). Loss, its parts, the expert load and every gradient.
-    `recompute`: the megablocks model's train.recompute (the native one keeps its activations)."""
+    `recompute`: the megablocks model's train.recompute (the native one keeps its activations);
+    `shared`: both models' moe.shared_expert_hidden."""
     model_cfg = ModelConfig(dim=dim, n_layers=2, n_heads=4, ffn_hidden=2 * dim, max_seq_len=seq)
-    moe = {"num_experts": 8, "top_k": 2, "expert_hidden": dim, "every_n_layers": 2}
+    moe = {"num_experts": 8, "top_k": 2, "expert_hidden": dim, "every_n_layers": 2,
+           "shared_expert_hidden": shared}
     torch.manual_seed(0)
     native = TransformerLM(model_cfg, MoEConfig(**moe))
     mega = TransformerLM(model_cfg, MoEConfig(**moe, backend="megablocks"))

@@ -11,7 +11,7 @@ parallelism shards the same tensors.
 Reported like the native backend: DeepSpeed's own load-balancing loss as aux_loss (for
 top_k 2 it counts only first choices), our router z-loss from the same logits, and the number
 of dropped token-slots per layer. A token whose every slot is dropped gets exactly zero from
-this layer: only the residual path carries it.
+the routed experts: only the residual path (and the shared expert, if configured) carries it.
 
 Shape legend: T tokens, D model dim, R expert-parallel ranks, El local experts, C capacity.
 """
@@ -132,7 +132,7 @@ class DeepSpeedMoE(MoELayer):
         self._moe.ep_group_name = f"ep_size_{comm.size}"
         self._moe._set_ep_group(comm.group)
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+    def routed(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         route = self.router(x_BSD.reshape(-1, x_BSD.shape[-1]))  # our stats and z-loss
         y_BSD = self._moe(x_BSD, None)
         route = dataclasses.replace(route, aux_loss=self._moe.l_aux.float(),

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from model.config import MoEConfig
+from model.layers import SwiGLU
 from model.moe.dispatch import ExpertComm, LocalComm, combine, dispatch
 from model.moe.experts import SwiGLUExperts
 from model.moe.router import RouterOutput, TopKRouter
@@ -32,9 +33,12 @@ class MoELayer(nn.Module, ABC):
 
     Canonical weights (the same names and shapes in every backend, so checkpoints move
     between them): `router.weight` (E, D) and `experts.w1_EDF`, `experts.w3_EDF`,
-    `experts.w2_EFD` on the global expert axis. Parallelism is applied from outside:
-    parallel.expert_parallel shards `experts` and calls `set_expert_parallel(comm)`;
-    parallel.tensor_parallel sets `tp`. forward(x_BSD) returns (y_BSD, RouterOutput).
+    `experts.w2_EFD` on the global expert axis; with moe.shared_expert_hidden, the shared
+    expert `shared.w1/w3/w2` (a dense SwiGLU, common to every backend). Parallelism is applied
+    from outside: parallel.expert_parallel shards `experts` and calls
+    `set_expert_parallel(comm)`; parallel.tensor_parallel sets `tp` and splits `shared` like a
+    dense FFN. forward(x_BSD) returns (y_BSD, RouterOutput): the routed experts' output (the
+    backend's `routed`) plus the shared expert's.
     """
 
     def __init__(self, dim: int, cfg: MoEConfig):
@@ -42,6 +46,7 @@ class MoELayer(nn.Module, ABC):
         self.num_experts = cfg.num_experts
         self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.renormalizes)
         self.experts = SwiGLUExperts(cfg.num_experts, dim, cfg.expert_hidden, cfg.expert_impl)
+        self.shared = SwiGLU(dim, cfg.shared_expert_hidden) if cfg.shared_expert_hidden else None
         self.tp: TensorParallelComm = LocalTP()
 
     @abstractmethod
@@ -50,7 +55,14 @@ class MoELayer(nn.Module, ABC):
         already been sharded to this rank's slice."""
 
     @abstractmethod
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]: ...
+    def routed(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        """The routed experts' weighted output for x_BSD, and what the router decided."""
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        y_BSD, route = self.routed(x_BSD)
+        if self.shared is not None:
+            y_BSD = y_BSD + self.shared(x_BSD)
+        return y_BSD, route
 
     def compile_kernels(self) -> None:
         """train.compile: fuse what this backend leaves to elementwise torch ops (nothing by
@@ -82,7 +94,7 @@ class NativeMoE(MoELayer):
         self.fused = True
         self.experts.compile_pointwise()
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+    def routed(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         route = self.router(x_TD)  # in fp32 whatever the dtype
         x_TD = to_autocast_dtype(x_TD)

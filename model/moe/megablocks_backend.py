@@ -178,7 +178,7 @@ class MegaBlocksMoE(MoELayer):
             )
         self._set_pipeline(group)  # MegaBlocks runs its all-to-alls on our ep group
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+    def routed(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1]).contiguous()
         route = self.router(x_TD)
         run = (self._pipeline.parallel_forward_once if self._ep_size > 1

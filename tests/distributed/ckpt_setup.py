@@ -11,10 +11,11 @@ from parallel.topology import Topology
 from trainer.data import Corpus, rank_data
 from trainer.loop import Trainer, _Window
 
-# 2 layers, 4 experts of hidden 16; 8 sequences of 16 tokens per step at every layout below
-# (dp x micro_batch_size = 8).
+# 2 layers, 4 experts of hidden 16 and a shared expert of hidden 24 (split by tp like a dense
+# FFN); 8 sequences of 16 tokens per step at every layout below (dp x micro_batch_size = 8).
 SMALL = ["--model.dim=32", "--model.n_layers=2", "--model.n_heads=4", "--model.ffn_hidden=64",
          "--model.max_seq_len=16", "--moe.num_experts=4", "--moe.expert_hidden=16",
+         "--moe.shared_expert_hidden=24",
          "--train.seq_len=16", "--train.warmup_steps=2", "--train.steps=10",
          "--train.eval_batches=1", "--logging.tensorboard=false", "--logging.progress=false"]
 

@@ -33,15 +33,16 @@ TRAIN = TrainConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.5)
 NATIVE = {f: getattr(MoEConfig, f) for f in ("backend", "drop_tokens", "use_rts")}
 
 
-def _step(rank, world, dp, tp, ep, backend="native", recompute="none"):
+def _step(rank, world, dp, tp, ep, backend="native", recompute="none", shared=0):
     """The reference is always the native backend on one process, keeping its activations;
     `backend` is the layer the parallel model uses, loaded with the reference's (canonical)
-    weights, and `recompute` its train.recompute (the collectives run again in backward)."""
+    weights, `recompute` its train.recompute (the collectives run again in backward) and
+    `shared` both models' moe.shared_expert_hidden."""
     topo = Topology.create(Layout(world_size=world, dp=dp, ep=ep, tp=tp))
     torch.manual_seed(0)
-    moe = MOE
+    moe = dataclasses.replace(MOE, shared_expert_hidden=shared)
     if backend == "deepspeed":  # dropless and deterministic; its aux loss differs for top-2
-        moe = dataclasses.replace(MOE, aux_loss_coef=0.0, backend="deepspeed", drop_tokens=False,
+        moe = dataclasses.replace(moe, aux_loss_coef=0.0, backend="deepspeed", drop_tokens=False,
                                   use_rts=False)
     ref = TransformerLM(CFG, dataclasses.replace(moe, **NATIVE))
     model = TransformerLM(CFG, moe)
@@ -50,6 +51,8 @@ def _step(rank, world, dp, tp, ep, backend="native", recompute="none"):
     calls = FeedForwardCalls(model)
     apply_tensor_parallel(model, topo)
     apply_expert_parallel(model, topo)
+    for layer in model.moe_layers():  # a shared expert is split by tp, not replicated
+        assert layer.shared is None or layer.shared.w2.weight.shape == (CFG.dim, shared // tp)
     tokens = torch.randint(0, 64, (dp, 4, 17), generator=torch.Generator().manual_seed(1))
     d = topo.coord("dp")
 
@@ -94,7 +97,10 @@ LAYOUTS = [  # (dp, tp, ep)
 
 CASES = [(dp, tp, ep, "native") for dp, tp, ep in LAYOUTS] + [(4, 1, ep, "deepspeed") for ep in (1, 2, 4)]
 RECOMPUTED = [(2, 2, 2, "native", "full"), (4, 1, 4, "native", "ffn"), (4, 1, 2, "deepspeed", "full")]
-CASES += RECOMPUTED
+# A shared expert (moe.shared_expert_hidden) split by tp 2 like a dense FFN, and beside
+# DeepSpeed's routed experts.
+SHARED = [(2, 2, 2, "native", "none", 24), (4, 1, 2, "deepspeed", "none", 24)]
+CASES += RECOMPUTED + SHARED
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +135,15 @@ def test_recomputed_step_equals_single_process_reference(results, case):
     """train.recompute with tensor and expert parallelism: the backward runs the blocks' (or
     the feed-forwards') forward again, all-to-alls and tp collectives included, on every rank
     in the same order, and the step still equals the reference."""
+    case_result(results, case)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", SHARED, ids=[f"dp{a}-tp{b}-ep{c}-{d}" for a, b, c, d, _, _ in SHARED])
+def test_shared_expert_step_equals_single_process_reference(results, case):
+    """moe.shared_expert_hidden: the shared expert's weights split over the tp ranks (w1, w3
+    by rows, w2 by columns) and its gradients reduced over all of dp as dense ones, next to
+    expert-parallel routed experts, native and deepspeed; the step equals the reference."""
     case_result(results, case)
 
 

@@ -40,9 +40,9 @@ def test_layer_with_fp32_weights_equals_native(precision):
     checks.layer_equals_native("cuda", 8, 2, 2048, precision=precision)
 
 
-@pytest.mark.parametrize("recompute", ["none", "full"])
-def test_transformer_loss_and_gradients_equal_native_bf16(recompute):
-    checks.transformer_equals_native("cuda", recompute=recompute)
+@pytest.mark.parametrize("recompute, shared", [("none", 0), ("full", 512)])
+def test_transformer_loss_and_gradients_equal_native_bf16(recompute, shared):
+    checks.transformer_equals_native("cuda", recompute=recompute, shared=shared)
 
 
 def test_documented_weight_layout_matches_megablocks_own_grouped_glu():

@@ -12,18 +12,22 @@ from model.transformer import TransformerLM
 from trainer.metrics import StepTimer, peak_flops, peak_memory
 
 
-@pytest.mark.parametrize("every_n, tie", [(1, False), (2, True), (0, False)])
-def test_total_params_match_the_model(every_n, tie):
+@pytest.mark.parametrize("every_n, tie, shared", [(1, False, 0), (2, True, 0), (0, False, 0), (2, False, 80)])
+def test_total_params_match_the_model(every_n, tie, shared):
     cfg = ModelConfig(vocab_size=256, dim=64, n_layers=4, n_heads=4, ffn_hidden=96,
                       tie_embeddings=tie)
-    moe = MoEConfig(num_experts=8, top_k=2, expert_hidden=48, every_n_layers=every_n)
+    moe = MoEConfig(num_experts=8, top_k=2, expert_hidden=48, every_n_layers=every_n,
+                    shared_expert_hidden=shared)
     model = TransformerLM(cfg, moe)
     assert model_cost(cfg, moe, 128).total_params == sum(p.numel() for p in model.parameters())
 
 
-def test_activated_params_leave_out_the_unchosen_experts_and_the_embedding():
+@pytest.mark.parametrize("shared", [0, 80])
+def test_activated_params_leave_out_the_unchosen_experts_and_the_embedding(shared):
+    """Every token passes the shared expert, so all its parameters count as activated."""
     cfg = ModelConfig(vocab_size=256, dim=64, n_layers=4, n_heads=4, ffn_hidden=96)
-    moe = MoEConfig(num_experts=8, top_k=2, expert_hidden=48, every_n_layers=2)
+    moe = MoEConfig(num_experts=8, top_k=2, expert_hidden=48, every_n_layers=2,
+                    shared_expert_hidden=shared)
     model = TransformerLM(cfg, moe)
     cost = model_cost(cfg, moe, 128)
     per_expert = 3 * 64 * 48

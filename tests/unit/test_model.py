@@ -118,8 +118,10 @@ def test_compile_dense_equals_eager_and_keeps_names():
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
-    # every_n_layers=2: dense FFN blocks (compiled) and MoE blocks (eager) both present.
-    eager = TransformerLM(CFG, MoEConfig(num_experts=4, top_k=2, expert_hidden=16, every_n_layers=2))
+    # every_n_layers=2: dense FFN blocks (compiled) and MoE blocks (eager) both present; the
+    # MoE blocks' shared expert is compiled as the dense FFN is (the same shapes: one graph).
+    eager = TransformerLM(CFG, MoEConfig(num_experts=4, top_k=2, expert_hidden=16, every_n_layers=2,
+                                         shared_expert_hidden=CFG.ffn_hidden))
     compiled, recomputed = copy.deepcopy(eager), copy.deepcopy(eager)
     recomputed.set_recompute("full")
     for m in (compiled, recomputed):
@@ -127,6 +129,7 @@ def test_compile_dense_equals_eager_and_keeps_names():
     assert list(compiled.state_dict()) == list(eager.state_dict())
     assert all(m.fused and m.experts.pointwise is compiled_pointwise() for m in compiled.moe_layers())
     assert all(not m.fused and m.experts.pointwise is EAGER for m in eager.moe_layers())
+    assert all(m.shared._compiled_call_impl is not None for m in compiled.moe_layers())
     torch._dynamo.reset()
     counters.clear()
     x = torch.randint(0, 64, (2, 16))

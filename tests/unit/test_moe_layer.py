@@ -7,7 +7,7 @@ import torch
 
 from model.config import MoEConfig
 from model.layers import SwiGLU
-from model.moe import NativeMoE
+from model.moe import NativeMoE, build_moe
 from model.moe.dispatch import LocalComm, combine, dispatch
 from model.moe.experts import SwiGLUExperts
 from tests.tolerance import close
@@ -44,6 +44,43 @@ def test_one_expert_top1_equals_dense_swiglu(impl):
     torch.testing.assert_close(layer.experts.w3_EDF.grad[0], dense.w3.weight.grad.T)
     torch.testing.assert_close(layer.experts.w2_EFD.grad[0], dense.w2.weight.grad.T)
     assert layer.router.weight.grad.abs().sum() == 0  # one expert: weight is 1 whatever the logits
+
+
+@pytest.mark.parametrize("backend", ["native", "deepspeed"])
+def test_shared_expert_adds_a_dense_swiglu_to_the_routed_output(backend):
+    """moe.shared_expert_hidden: y = routed(x) + SwiGLU_shared(x). The layer equals the same
+    layer without a shared expert plus a dense SwiGLU holding the shared weights: output,
+    routing, the input's gradient and every parameter's."""
+    cfg = dict(num_experts=4, top_k=2, expert_hidden=F, backend=backend)
+    if backend == "deepspeed":
+        cfg |= dict(drop_tokens=False, use_rts=False)  # dropless, deterministic
+    torch.manual_seed(0)
+    layer = build_moe(D, MoEConfig(**cfg, shared_expert_hidden=20))
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    routed = build_moe(D, MoEConfig(**cfg))
+    missing, unexpected = routed.load_state_dict(layer.state_dict(), strict=False)
+    assert missing == [] and unexpected == ["shared.w1.weight", "shared.w3.weight", "shared.w2.weight"]
+    dense = SwiGLU(D, 20)
+    dense.load_state_dict(layer.shared.state_dict())
+
+    x = torch.randn(3, 5, D)
+    xs = [x.clone().requires_grad_() for _ in range(3)]
+    y, route = layer(xs[0])
+    y_routed, route_routed = routed(xs[1])
+    y_dense = dense(xs[2])
+    torch.testing.assert_close(y, y_routed + y_dense)
+    assert torch.equal(route.topk_idx_TK, route_routed.topk_idx_TK)
+    g = torch.randn_like(y)
+    for out in (y, y_routed, y_dense):
+        out.backward(g)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad + xs[2].grad)
+    want = {**{n: p.grad for n, p in routed.named_parameters()},
+            **{f"shared.{n}": p.grad for n, p in dense.named_parameters()}}
+    grads = {n: p.grad for n, p in layer.named_parameters()}
+    assert grads.keys() == want.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want[name], msg=name)
 
 
 def _assert_same_layer(a, b, x, grad=None) -> None:
