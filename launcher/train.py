@@ -65,7 +65,7 @@ command line; later overrides win. Unknown keys are rejected.
 
 # Config fields that fix parameter shapes: a checkpoint only fits a run that agrees on them.
 ARCHITECTURE = {"model": ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "tie_embeddings"),
-                "moe": ("num_experts", "expert_hidden", "every_n_layers")}
+                "moe": ("num_experts", "expert_hidden", "every_n_layers", "shared_expert_hidden")}
 # What fixes the order of the training samples (trainer/data.py): a resumed run must keep it.
 # (micro_batch_size, grad_accum and dp may change: the position is counted in samples.)
 DATA_ORDER = {"train": ("seq_len", "seed"),
@@ -138,12 +138,14 @@ def choose_verified(found: list[Checkpoint], job: JobConfig, env: DistEnv) -> Ch
 
 def _first_difference(saved: dict, job: JobConfig, fields: dict, default_ours: bool):
     """(section.key, checkpoint's value, ours) for the first of `fields` that differ, or None.
-    A key the checkpoint lacks counts as None, or as ours with `default_ours` (a field older
-    checkpoints did not record)."""
+    A key the checkpoint lacks (older checkpoints did not record it) counts as ours with
+    `default_ours`, else as the field's default (which reproduces what came before it, e.g.
+    moe.shared_expert_hidden 0)."""
     for section, keys in fields.items():
         ours = getattr(job, section)
         for key in keys:
-            theirs = saved.get(section, {}).get(key, getattr(ours, key) if default_ours else None)
+            missing = getattr(ours, key) if default_ours else getattr(type(ours), key, None)
+            theirs = saved.get(section, {}).get(key, missing)
             if theirs != getattr(ours, key):
                 return f"{section}.{key}", theirs, getattr(ours, key)
     return None
@@ -158,6 +160,12 @@ def check_fits(ckpt: Checkpoint, job: JobConfig) -> None:
     if diff:
         raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run: {diff[0]} is "
                               f"{diff[1]} in the checkpoint and {diff[2]} here")
+    theirs, ours = saved.get("moe", {}).get("bias_update_rate", 0.0), job.moe.bias_update_rate
+    if (theirs > 0) != (ours > 0):  # the rate itself may change; the bias must not appear or vanish
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} does not fit this run: moe.bias_update_rate is {theirs} in "
+            f"the checkpoint and {ours} here, so the routers' expert bias would "
+            + ("be dropped (its routing would change)" if theirs > 0 else "be missing from it"))
     diff = _first_difference(saved, job, DATA_ORDER, default_ours=True) if job.checkpoint.resume else None
     if diff:
         raise CheckpointError(

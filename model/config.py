@@ -89,6 +89,14 @@ class MoEConfig:
     """Coefficient of the load-balancing loss (Switch/GShard form; 1.0 when perfectly balanced)."""
     z_loss_coef: float = 0.001
     """Coefficient of the router z-loss (mean squared logsumexp of the router logits)."""
+    bias_update_rate: float = 0.0
+    """Load balancing without an auxiliary loss (DeepSeek-V3; Megatron's
+    moe_router_bias_update_rate): each MoE layer keeps a per-expert bias that is added to the
+    router probabilities to choose the top-k (the combine weights stay the unbiased
+    probabilities), and after every optimizer step each bias moves by this rate towards
+    balance: up for experts that got fewer token-slots than the mean over the global batch,
+    down for those that got more. 0 = off (no bias). Usually with a small or zero
+    aux_loss_coef. Native and megablocks backends (DeepSpeed's gate chooses its own experts)."""
     backend: str = "native"
     """MoE implementation: native (ours: dropless, uneven all-to-all, grouped GEMM),
     deepspeed (DeepSpeed-MoE's gate and layer: capacity buffers, equal-split all-to-all) or
@@ -139,6 +147,14 @@ class MoEConfig:
                 "router would get no gradient from the loss; leave moe.renormalize unset (null)"
             )
         check_choice("moe.backend", self.backend, MOE_BACKENDS)
+        if self.bias_update_rate < 0:
+            raise ConfigError(f"moe.bias_update_rate ({self.bias_update_rate}) must be >= 0 (0 = off)")
+        if self.bias_update_rate and self.backend == "deepspeed":
+            raise ConfigError(
+                f"moe.bias_update_rate ({self.bias_update_rate}) needs our router to choose the "
+                "experts; in the deepspeed backend DeepSpeed's gate chooses them: use the native "
+                "or megablocks backend, or moe.bias_update_rate 0"
+            )
         check_choice("moe.expert_impl", self.expert_impl, EXPERT_IMPLS)
         check_choice("moe.noisy_gate_policy", self.noisy_gate_policy, NOISY_GATE_POLICIES)
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0 or self.min_capacity < 0:

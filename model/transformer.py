@@ -145,6 +145,13 @@ class TransformerLM(nn.Module):
         for block in self.layers:
             block.recompute = mode
 
+    def update_expert_bias(self, counts_LE: torch.Tensor, rate: float) -> None:
+        """moe.bias_update_rate: move each MoE layer's router bias towards balance, from the
+        token-slots per expert of one optimizer step's global batch (every rank passes the
+        same counts, so the biases stay equal everywhere)."""
+        for layer, counts_E in zip(self.moe_layers(), counts_LE, strict=True):
+            layer.router.update_bias(counts_E, rate)
+
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoELayer)]
 

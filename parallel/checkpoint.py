@@ -1,7 +1,8 @@
 """Reshardable checkpoints: every rank writes the pieces it owns, any layout reads them back.
 
 What is stored (all at global shape, experts on the global expert axis):
-    model/<param>               the parameters (the model's dtype)
+    model/<param>               the parameters (the model's dtype), and the persistent
+                                buffers (the routers' expert bias; replicated)
     master/<param>              fp32 master weights, only where they differ in dtype (ZeRO bf16)
     optim/<param>/exp_avg       Adam's moments, fp32, out of DeepSpeed's flat partitions with
     optim/<param>/exp_avg_sq    their padding removed when ZeRO is on
@@ -44,7 +45,7 @@ from parallel.checkpoint_store import (
 )
 from parallel.collectives import all_gather_cat, all_gather_object
 from parallel.expert_parallel import expert_parameter_ids
-from parallel.shards import Box, Shard, shards
+from parallel.shards import Box, Shard, buffer_shards, shards
 from parallel.topology import Topology
 
 
@@ -133,7 +134,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, stepper, topology: 
     try:
         params = shards(model, topology)
         optim, adam_step = stepper.export_state(params, topology)
-        pieces = model_pieces(params, topology) + optim
+        pieces = model_pieces(params + buffer_shards(model), topology) + optim
         rng = {f"rng/{topology.rank}/{k}": v for k, v in rng_state().items()}
         listing = [(p.name, p.shape, str(p.tensor.dtype).removeprefix("torch."), p.box.to_json(),
                     list(p.flat), p.key) for p in pieces]
@@ -210,7 +211,8 @@ def adam_step_count(step: int, optimizer: torch.optim.Optimizer, param: torch.Te
 
 
 def check_fit(ckpt: Checkpoint, params: list[Shard]) -> None:
-    """Every parameter exists in the checkpoint at the same global shape, and nothing more."""
+    """Every parameter (and persistent buffer) exists in the checkpoint at the same global
+    shape, and nothing more."""
     stored = {n.split("/", 1)[1] for n in ckpt.tensors if n.startswith("model/")}
     ours = {s.name for s in params}
     if stored != ours:
@@ -234,8 +236,8 @@ def load_checkpoint(ckpt: Checkpoint, model: nn.Module, stepper, topology: Topol
     meta = dict(ckpt.meta)
     try:
         params = shards(model, topology)
-        check_fit(ckpt, params)
-        staged = [(s.param, fetch_param(ckpt, s)) for s in params]
+        check_fit(ckpt, params + buffer_shards(model))
+        staged = [(s.param, fetch_param(ckpt, s)) for s in params + buffer_shards(model)]
         apply.append(lambda: _copy_params(staged))
         apply += stepper.stage_state(ckpt, params, topology)
         rng = ckpt.manifest["rng"].get(str(topology.rank))
@@ -262,7 +264,7 @@ def load_checkpoint(ckpt: Checkpoint, model: nn.Module, stepper, topology: Topol
     return meta
 
 
-def _copy_params(staged: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+def _copy_params(staged: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     with torch.no_grad():
         for param, values in staged:
             param.copy_(values.to(param.device, param.dtype))
@@ -278,5 +280,6 @@ def load_weights(ckpt: Checkpoint, model: nn.Module) -> None:
     """Model weights only (fine-tuning start), into a plainly built model BEFORE any parallel
     transform. Local, no collectives; checks every tensor before copying any."""
     params = [Shard(n, p, tuple(p.shape), Box.whole(p.shape), "world") for n, p in model.named_parameters()]
+    params += buffer_shards(model)
     check_fit(ckpt, params)
     _copy_params([(s.param, fetch_param(ckpt, s)) for s in params])

@@ -65,10 +65,10 @@ class Box:
 
 @dataclass(frozen=True)
 class Shard:
-    """One parameter as this rank holds it."""
+    """One parameter (or persistent buffer) as this rank holds it."""
 
     name: str
-    param: nn.Parameter
+    param: torch.Tensor
     global_shape: tuple[int, ...]
     box: Box
     replicated_over: str  # "edp" (experts), "dp" (tp-sharded dense), "world" (other dense)
@@ -106,6 +106,14 @@ def shards(model: nn.Module, topology: Topology) -> list[Shard]:
             kind = "world"
         out.append(Shard(name, p, tuple(shape), Box(tuple(offsets), tuple(p.shape)), kind))
     return out
+
+
+def buffer_shards(model: nn.Module) -> list[Shard]:
+    """The model's persistent buffers (state that is not trained by the optimizer, e.g. the
+    routers' expert bias): replicated on every rank, stored like replicated parameters."""
+    persistent = set(model.state_dict(keep_vars=True)) - {n for n, _ in model.named_parameters()}
+    return [Shard(name, b, tuple(b.shape), Box.whole(b.shape), "world")
+            for name, b in model.named_buffers() if name in persistent]
 
 
 def fill_box(target: Box, pieces: list[tuple[Box, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor | None:

@@ -98,16 +98,19 @@ def layer_equals_native(device: str, num_experts: int, top_k: int, tokens: int,
 
 
 def transformer_equals_native(device: str, dim: int = 256, seq: int = 128, batch: int = 4,
-                              recompute: str = "none", shared: int = 0) -> None:
+                              recompute: str = "none", shared: int = 0, bias: bool = False) -> None:
     """The whole model: block 0 dense, block 1 MoE (so the MoE input, and with it the routing,
     is the same in both models). Loss, its parts, the expert load and every gradient.
     `recompute`: the megablocks model's train.recompute (the native one keeps its activations);
-    `shared`: both models' moe.shared_expert_hidden."""
+    `shared`: both models' moe.shared_expert_hidden; `bias`: both routers choose with the same
+    random expert bias (moe.bias_update_rate)."""
     model_cfg = ModelConfig(dim=dim, n_layers=2, n_heads=4, ffn_hidden=2 * dim, max_seq_len=seq)
     moe = {"num_experts": 8, "top_k": 2, "expert_hidden": dim, "every_n_layers": 2,
-           "shared_expert_hidden": shared}
+           "shared_expert_hidden": shared, "bias_update_rate": 0.01 if bias else 0.0}
     torch.manual_seed(0)
     native = TransformerLM(model_cfg, MoEConfig(**moe))
+    for layer in native.moe_layers() if bias else []:
+        layer.router.expert_bias.uniform_(-0.2, 0.2)  # enough to change choices
     mega = TransformerLM(model_cfg, MoEConfig(**moe, backend="megablocks"))
     mega.load_state_dict(native.state_dict())
     mega.set_recompute(recompute)

@@ -2,7 +2,8 @@
 
 One step, as data: each dp rank draws its micro-batches -> forward (MoE layers exchange tokens
 inside) -> backward of loss / grad_accum -> dense grads averaged over dp, expert grads summed
-over edp / dp -> global-norm clip -> AdamW -> metrics every log_interval. The reduce/clip/step
+over edp / dp -> global-norm clip -> AdamW -> (moe.bias_update_rate) the routers' expert bias
+from the global load -> metrics every log_interval. The reduce/clip/step
 part is a Stepper (trainer/optim.py): our own at zero_stage 0, DeepSpeed's ZeRO at 1 and 2.
 """
 
@@ -102,13 +103,21 @@ class Trainer:
         """One optimizer step; returns the global gradient norm before clipping."""
         self.model.train()
         self.stepper.begin(lr_at(self.step, self.cfg))
+        counts_LE = 0
         for micro in range(self.cfg.grad_accum):
             x, y = self.sampler.batch_at(self.samples_seen + micro * self.samples_per_micro)
             with self.autocast():
                 out = self.stepper.forward(x.to(self.device), y.to(self.device))
             self.stepper.backward(out.loss)
             window.add(out, self.cfg.grad_accum)
+            counts_LE = counts_LE + out.expert_counts_LE.detach()
         norm = self.stepper.finish()
+        if self.job.moe.bias_update_rate:
+            # The global batch's load: tp partners route the same tokens, so the dp group has
+            # every token once. On the device, no host synchronisation.
+            counts_LE = counts_LE.to(self.device)
+            all_reduce(counts_LE, self.topology.groups["dp"])
+            self.model.update_expert_bias(counts_LE, self.job.moe.bias_update_rate)
         self.step += 1
         window.steps += 1
         return norm
@@ -144,6 +153,10 @@ class Trainer:
             all_reduce(entropy, dp_group)
             counts, dropped = counts[:, :-1].cpu(), counts[:, -1].cpu()
             scalars |= expert_load_stats(counts, entropy.cpu() / dp, dropped)
+            if self.job.moe.bias_update_rate:  # the same on every rank: no reduction
+                for i, layer in enumerate(self.model.moe_layers()):
+                    bias = layer.router.expert_bias
+                    scalars[f"moe/layer{i}/expert_bias_spread"] = float(bias.max() - bias.min())
             heat_every = self.job.logging.heatmap_interval
             if heat_every and (self.step - self.last_heatmap >= heat_every or self.step == self.cfg.steps):
                 self.metrics.image("moe/expert_load", load_heatmap(counts), self.step)
@@ -242,7 +255,8 @@ class Trainer:
                 last = self.step == cfg.steps
                 if self.step % log_cfg.log_interval == 0 or last:
                     scalars = self._log(window, norm, throughput.rate())
-                    self.train_history.append({"step": self.step, "loss": scalars["train/loss"]})
+                    self.train_history.append({"step": self.step, "loss": scalars["train/loss"]} | (
+                        {"max_over_mean": scalars["moe/max_over_mean"]} if "moe/max_over_mean" in scalars else {}))
                     window = _Window()
                     bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
                                     tok_s=f"{scalars['train/tokens_per_s']:.0f}")

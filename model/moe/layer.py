@@ -44,7 +44,8 @@ class MoELayer(nn.Module, ABC):
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
         self.num_experts = cfg.num_experts
-        self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.renormalizes)
+        self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.renormalizes,
+                                 expert_bias=cfg.bias_update_rate > 0)
         self.experts = SwiGLUExperts(cfg.num_experts, dim, cfg.expert_hidden, cfg.expert_impl)
         self.shared = SwiGLU(dim, cfg.shared_expert_hidden) if cfg.shared_expert_hidden else None
         self.tp: TensorParallelComm = LocalTP()

@@ -66,21 +66,49 @@ class _LinearInFp32(torch.autograd.Function):
 
 
 class TopKRouter(nn.Module):
-    """Linear scores in fp32, softmax over all experts, then each token's top-k."""
+    """Linear scores in fp32, softmax over all experts, then each token's top-k.
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, renormalize: bool):
+    With `expert_bias` (moe.bias_update_rate > 0) the router keeps a per-expert bias, a
+    persistent buffer (saved in checkpoints), added to the probabilities only to choose the
+    top-k: the combine weights are the unbiased probabilities of the chosen experts. The
+    trainer moves it after each optimizer step (update_bias) from the global batch's load.
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, renormalize: bool,
+                 expert_bias: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None)
+
+    def _apply(self, fn, recurse=True):
+        # The bias stays fp32 when the module is cast (DeepSpeed's bf16 mode casts every
+        # buffer): it sums steps of bias_update_rate, and a bf16 bias of 0.5 would round a
+        # step of 1e-3 to 0 or 2e-3.
+        super()._apply(fn, recurse)
+        if self.expert_bias is not None and self.expert_bias.dtype != torch.float32:
+            self.expert_bias = self.expert_bias.float()
+        return self
+
+    @torch.no_grad()
+    def update_bias(self, counts_E: torch.Tensor, rate: float) -> None:
+        """bias_e += rate * sign(mean load - load_e): `counts_E` is the token-slots each
+        expert got over one optimizer step's global batch (the same on every rank)."""
+        load_E = counts_E.to(self.expert_bias.device, torch.float32)
+        self.expert_bias += rate * torch.sign(load_E.mean() - load_E)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         # Scores in fp32 even under bf16 autocast: top-k on rounded logits flips choices.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = _LinearInFp32.apply(x_TD, self.weight)
         probs_TE = logits_TE.softmax(dim=-1)
-        topk_weight_TK, topk_idx_TK = probs_TE.topk(self.top_k, dim=-1)
+        if self.expert_bias is None:
+            topk_weight_TK, topk_idx_TK = probs_TE.topk(self.top_k, dim=-1)
+        else:  # the bias chooses; the weights are the chosen experts' own probabilities
+            topk_idx_TK = (probs_TE.detach() + self.expert_bias).topk(self.top_k, dim=-1).indices
+            topk_weight_TK = probs_TE.gather(-1, topk_idx_TK)
         if self.renormalize:
             topk_weight_TK = topk_weight_TK / topk_weight_TK.sum(dim=-1, keepdim=True)
 

@@ -34,6 +34,11 @@ LAYOUTS = {  # name -> overrides; world size is dp x tp
                           "--parallel.zero_stage=2", "--train.micro_batch_size=4"],
     "dp2_tp2_ep2": ["--parallel.dp=2", "--parallel.tp=2", "--parallel.ep=2",
                     "--train.micro_batch_size=4"],
+    # moe.bias_update_rate: the routers' expert bias (a buffer) moves every step
+    "dp4_ep4_bias": ["--parallel.dp=4", "--parallel.ep=4", "--train.micro_batch_size=2",
+                     "--moe.bias_update_rate=0.01"],
+    "dp2_tp2_ep2_bias": ["--parallel.dp=2", "--parallel.tp=2", "--parallel.ep=2",
+                         "--train.micro_batch_size=4", "--moe.bias_update_rate=0.01"],
     "dp4_ep2_deepspeed": ["--parallel.dp=4", "--parallel.ep=2", "--train.micro_batch_size=2",
                           "--moe.backend=deepspeed", "--moe.drop_tokens=false", "--moe.use_rts=false"],
 }

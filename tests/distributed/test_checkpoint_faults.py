@@ -288,6 +288,9 @@ def test_inspect_cli_reports_and_verifies(copy):
     ("--moe.num_experts=8", "moe.num_experts is 4 in the checkpoint and 8 here"),
     ("--model.dim=64", "model.dim is 32 in the checkpoint and 64 here"),
     ("--model.vocab_size=512", "model.vocab_size is 256 in the checkpoint and 512 here"),
+    ("--moe.shared_expert_hidden=32", "moe.shared_expert_hidden is 24 in the checkpoint and 32 here"),
+    ("--moe.bias_update_rate=0.001", "moe.bias_update_rate is 0.0 in the checkpoint and 0.001 here, "
+     "so the routers' expert bias would be missing from it"),
 ])
 def test_a_checkpoint_that_does_not_fit_the_model_is_refused(saved, override, message):
     job = load_config(["--config", TINY, *SMALL, override])

@@ -39,16 +39,16 @@ def _single_process_checks(rank, world):
         checks.layer_equals_native("cpu", num_experts, top_k, tokens, **SHAPE)
     for precision in ("fp32", "autocast"):  # fp32 weights: cast to bf16 for the GEMMs and back
         checks.layer_equals_native("cpu", 8, 2, 24, **SHAPE, precision=precision)
-    for recompute, shared in (("none", 0), ("full", 96)):  # with a shared expert too
+    for recompute, more in (("none", False), ("full", True)):  # with a shared expert and a bias
         checks.transformer_equals_native("cpu", dim=64, seq=8, batch=2, recompute=recompute,
-                                         shared=shared)
+                                         shared=96 if more else 0, bias=more)
     checks.weight_layout_matches_grouped_glu("cpu", tokens=24, **SHAPE)
 
 
 def test_layer_model_and_weight_layout_equal_native():
     """ep 1: grouped_forward_once against the native layer (three shapes in bf16, and fp32
     weights with and without autocast), the whole model (also recomputing its blocks in
-    backward, with a shared expert), and the documented weight mapping against MegaBlocks' own GroupedGLU."""
+    backward, with a shared expert and the routers' expert bias), and the documented weight mapping against MegaBlocks' own GroupedGLU."""
     run_distributed(_single_process_checks, world_size=1, timeout_s=240)
 
 

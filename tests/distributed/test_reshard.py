@@ -21,7 +21,8 @@ from parallel.checkpoint_store import open_checkpoint, resolve
 from tests.distributed.ckpt_setup import make_trainer, step_losses, world_of
 from tests.distributed.spawn import case_result, run_cases, run_distributed
 
-SAVED = ("dp4_ep4", "dp4_ep2", "dp4_ep2_zero2", "dp2_tp2_ep2", "dp2_tp2_ep2_zero2")
+SAVED = ("dp4_ep4", "dp4_ep2", "dp4_ep2_zero2", "dp2_tp2_ep2", "dp2_tp2_ep2_zero2", "dp4_ep4_bias",
+         "dp2_tp2_ep2_bias")
 CASES = [
     ("dp4_ep4", "dp4_ep2"),  # ep 4 -> 2
     ("dp4_ep2", "dp4_ep4"),  # ep 2 -> 4
@@ -32,6 +33,7 @@ CASES = [
     ("dp4_ep4", "dp2_tp2_ep2"),  # tp 1 -> tp 2: attention and dense FFNs split on load
     ("dp4_ep2_zero2", "dp2_tp2_ep2_zero2"),  # the same into DeepSpeed's partitions
     ("dp4_ep4", "dp4_ep2_deepspeed"),  # native -> deepspeed backend
+    ("dp4_ep4_bias", "dp2_tp2_ep2_bias"),  # the routers' expert bias (a buffer) goes along
 ]
 
 
@@ -41,6 +43,11 @@ def _save_all(rank, world, root):
         trainer = make_trainer(rank, f"{root}/{layout}", layout)
         for _ in range(2):
             step_losses(trainer)
+        if layout.endswith("_bias"):  # every rank holds the same bias (it is written once)
+            bias = torch.stack([m.router.expert_bias for m in trainer.model.moe_layers()])
+            every = [torch.empty_like(bias) for _ in range(world)]
+            torch.distributed.all_gather(every, bias)
+            assert all(torch.equal(b, bias) for b in every), every
         trainer.save()
         next_losses[layout] = step_losses(trainer)
     return next_losses
@@ -109,3 +116,18 @@ def test_zero_partitions_hold_what_plain_adamw_holds(results, plain, zero):
     assert set(a.tensors) == set(b.tensors)
     for name in sorted(a.tensors):
         torch.testing.assert_close(b.full(name), a.full(name), rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.distributed
+def test_expert_bias_moves_the_same_at_every_layout(results):
+    """moe.bias_update_rate: after 2 steps on the same global batch, dp 4 x ep 4 and dp 2 x
+    tp 2 x ep 2 hold the same routers' bias (the load is counted over dp, where tp partners
+    count the same tokens), and it has moved, by 0.01 per step and expert at most."""
+    root, _, _ = results
+    a, _ = resolve(str(root / "dp4_ep4_bias" / "checkpoints"), root)
+    b, _ = resolve(str(root / "dp2_tp2_ep2_bias" / "checkpoints"), root)
+    names = sorted(n for n in a.tensors if n.endswith("router.expert_bias"))
+    assert len(names) == 2 and names == sorted(n for n in b.tensors if n.endswith("router.expert_bias"))
+    for name in names:
+        assert torch.equal(a.full(name), b.full(name)), name
+        assert 0 < a.full(name).abs().max().item() <= 0.02 + 1e-6, name

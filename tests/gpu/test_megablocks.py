@@ -40,9 +40,10 @@ def test_layer_with_fp32_weights_equals_native(precision):
     checks.layer_equals_native("cuda", 8, 2, 2048, precision=precision)
 
 
-@pytest.mark.parametrize("recompute, shared", [("none", 0), ("full", 512)])
-def test_transformer_loss_and_gradients_equal_native_bf16(recompute, shared):
-    checks.transformer_equals_native("cuda", recompute=recompute, shared=shared)
+@pytest.mark.parametrize("recompute, more", [("none", False), ("full", True)])
+def test_transformer_loss_and_gradients_equal_native_bf16(recompute, more):
+    """`more`: with a shared expert and the routers' expert bias."""
+    checks.transformer_equals_native("cuda", recompute=recompute, shared=512 if more else 0, bias=more)
 
 
 def test_documented_weight_layout_matches_megablocks_own_grouped_glu():

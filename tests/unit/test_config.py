@@ -93,6 +93,10 @@ def test_yaml_unknown_key_and_wrong_type(tmp_path):
      r"moe.shared_expert_hidden \(90\) must be divisible by parallel.tp \(4\)"),
     (["--moe.shared_expert_hidden=-1"], 4,
      r"moe.shared_expert_hidden \(-1\) must be >= 0 \(0 = no shared expert\)"),
+    (["--moe.bias_update_rate=-0.1"], 4, r"moe.bias_update_rate \(-0.1\) must be >= 0 \(0 = off\)"),
+    (["--moe.backend=deepspeed", "--moe.bias_update_rate=0.001"], 4,
+     r"moe.bias_update_rate \(0.001\) needs our router to choose the experts; in the deepspeed "
+     r"backend DeepSpeed's gate chooses them"),
     (["--parallel.dp=null", "--parallel.tp=3", "--parallel.ep=1"], 4,
      r"WORLD_SIZE \(4\) must be divisible by parallel.tp \(3\)"),
     (["--parallel.dp=2", "--parallel.tp=2", "--parallel.ep=2", "--train.micro_batch_size=1",

@@ -8,10 +8,12 @@ import torch
 from model.moe.router import TopKRouter
 
 
-def _router_with_logits(logits_TE: torch.Tensor, top_k: int, renormalize: bool) -> tuple[TopKRouter, torch.Tensor]:
+def _router_with_logits(logits_TE: torch.Tensor, top_k: int, renormalize: bool,
+                        expert_bias: bool = False) -> tuple[TopKRouter, torch.Tensor]:
     """A router whose logits equal `logits_TE` exactly: x = identity rows, weight = logits^T."""
     T, E = logits_TE.shape
-    router = TopKRouter(dim=T, num_experts=E, top_k=top_k, renormalize=renormalize)
+    router = TopKRouter(dim=T, num_experts=E, top_k=top_k, renormalize=renormalize,
+                        expert_bias=expert_bias)
     with torch.no_grad():
         router.weight.copy_(logits_TE.T)
     return router, torch.eye(T)
@@ -82,3 +84,60 @@ def test_all_tokens_on_one_expert():
     assert out.topk_weight_TK.flatten().tolist() == pytest.approx([1.0] * 5)
     # f = (0, 1, 0); P_1 ~ 1: aux ~ E = 3, the maximum imbalance.
     assert out.aux_loss.item() == pytest.approx(3 * logits.softmax(-1)[0, 1].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_expert_bias_chooses_the_experts_but_the_weights_stay_the_probabilities(renormalize):
+    """moe.bias_update_rate: the bias is added to the probabilities for the top-k only."""
+    router, x = _router_with_logits(LOGITS, top_k=2, renormalize=renormalize, expert_bias=True)
+    plain, _ = _router_with_logits(LOGITS, top_k=2, renormalize=renormalize)
+    zero, out = router(x), plain(x)  # a zero bias changes nothing
+    assert torch.equal(zero.topk_idx_TK, out.topk_idx_TK)
+    torch.testing.assert_close(zero.topk_weight_TK, out.topk_weight_TK)
+    router.expert_bias.copy_(torch.tensor([0.0, 0.0, 2.0, 0.0]))  # expert 2 beats any probability
+    biased = router(x)
+    assert biased.topk_idx_TK.tolist() == [[2, 0], [2, 1], [2, 3]]
+    probs = LOGITS.softmax(-1)
+    want = probs.gather(1, biased.topk_idx_TK)
+    if renormalize:
+        want = want / want.sum(-1, keepdim=True)
+    torch.testing.assert_close(biased.topk_weight_TK, want)
+    assert biased.counts_E.tolist() == [1, 1, 3, 1]
+
+
+def test_bias_update_moves_each_expert_towards_the_mean_load():
+    router = TopKRouter(dim=4, num_experts=4, top_k=1, renormalize=False, expert_bias=True)
+    router.update_bias(torch.tensor([4, 0, 2, 2]), 0.01)  # mean 2
+    assert router.expert_bias.tolist() == pytest.approx([-0.01, 0.01, 0.0, 0.0])
+    router.update_bias(torch.tensor([3, 3, 1, 1]), 0.01)
+    assert router.expert_bias.tolist() == pytest.approx([-0.02, 0.0, 0.01, 0.01])
+
+
+def test_bias_updates_balance_a_skewed_router_without_training_it():
+    """The point of the bias: a router whose logits favour two experts (3.2x the mean load)
+    spreads its tokens evenly after some updates, with its weights untouched."""
+    gen = torch.Generator().manual_seed(0)
+    router = TopKRouter(dim=16, num_experts=8, top_k=2, renormalize=True, expert_bias=True)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.3, generator=gen)
+    x = torch.randn(1024, 16, generator=gen)
+    x[:, 0] = 1.0
+    with torch.no_grad():
+        router.weight[:2, 0] += 3.0  # experts 0 and 1 get a large logit for every token
+
+    def imbalance(counts):
+        return (counts.max() / counts.float().mean()).item()
+
+    before = imbalance(router(x).counts_E)
+    for _ in range(300):
+        router.update_bias(router(x).counts_E, 0.01)
+    after = imbalance(router(x).counts_E)
+    assert before > 3.0 and after < 1.2, (before, after)
+
+
+def test_expert_bias_is_state_and_stays_fp32_when_the_module_is_cast():
+    router = TopKRouter(dim=4, num_experts=4, top_k=1, renormalize=False, expert_bias=True)
+    assert "expert_bias" in router.state_dict()
+    assert "expert_bias" not in TopKRouter(4, 4, 1, False).state_dict()
+    router.bfloat16()  # DeepSpeed's bf16 mode casts every buffer
+    assert router.weight.dtype == torch.bfloat16 and router.expert_bias.dtype == torch.float32
