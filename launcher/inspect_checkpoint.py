@@ -34,7 +34,7 @@ def describe(path: str, show_tensors: bool = True) -> tuple[str, bool]:
                 "directory or a checkpoints/ folder)"), False
     meta, lay = ckpt.meta, ckpt.meta.get("layout", {})
     files = ckpt.manifest["files"]
-    kinds = {k: sum(n.startswith(k + "/") for n in ckpt.tensors) for k in ("model", "master", "optim")}
+    kinds = {k: sum(n.startswith(k + "/") for n in ckpt.tensors) for k in ("model", "buffer", "master", "optim")}
     params = sum(_numel(i["shape"]) for n, i in ckpt.tensors.items() if n.startswith("model/"))
     lines = [
         f"checkpoint {ckpt.path} ({FORMAT} v{VERSION})",
@@ -44,7 +44,7 @@ def describe(path: str, show_tensors: bool = True) -> tuple[str, bool]:
         f"ep {lay.get('ep')}, zero_stage {meta.get('zero_stage')}, moe.backend {meta.get('moe_backend')}",
         f"{len(files)} shard files, {_size(sum(f['bytes'] for f in files.values()))}; "
         f"{kinds['model']} parameters ({params:,} values), {kinds['master']} master copies, "
-        f"{kinds['optim']} optimizer moments",
+        f"{kinds['optim']} optimizer moments" + (f", {kinds['buffer']} buffers" if kinds["buffer"] else ""),
     ]
     if show_tensors:
         width = max(len(n) for n in ckpt.tensors)

@@ -161,11 +161,14 @@ def check_fits(ckpt: Checkpoint, job: JobConfig) -> None:
         raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run: {diff[0]} is "
                               f"{diff[1]} in the checkpoint and {diff[2]} here")
     theirs, ours = saved.get("moe", {}).get("bias_update_rate", 0.0), job.moe.bias_update_rate
-    if (theirs > 0) != (ours > 0):  # the rate itself may change; the bias must not appear or vanish
+    if job.checkpoint.resume and (theirs > 0) != (ours > 0):
+        # The rate may change; the bias must not appear or vanish in a resumed run (init_from
+        # may: a new bias starts at zero, an unused one is reported by load_weights).
         raise CheckpointError(
-            f"checkpoint {ckpt.path} does not fit this run: moe.bias_update_rate is {theirs} in "
-            f"the checkpoint and {ours} here, so the routers' expert bias would "
-            + ("be dropped (its routing would change)" if theirs > 0 else "be missing from it"))
+            f"cannot resume from {ckpt.path}: moe.bias_update_rate is {theirs} in the checkpoint "
+            f"and {ours} here, so the routers' expert bias would "
+            + ("be dropped (its routing would change)" if theirs > 0 else "be missing from it")
+            + f"; --checkpoint.init_from={ckpt.path} starts from its weights instead")
     diff = _first_difference(saved, job, DATA_ORDER, default_ours=True) if job.checkpoint.resume else None
     if diff:
         raise CheckpointError(
@@ -193,7 +196,9 @@ def build_model(job: JobConfig, topology: Topology, device: torch.device,
     torch.manual_seed(job.train.seed)
     model = TransformerLM(job.model, job.moe)
     if init_from is not None:
-        load_weights(init_from, model)
+        for note in load_weights(init_from, model):
+            if topology.rank == 0:
+                print(f"init_from: {note}", flush=True)
     apply_tensor_parallel(model, topology, compiled=job.train.compile)
     apply_expert_parallel(model, topology)
     model.set_recompute(job.train.recompute)

@@ -7,11 +7,11 @@ so a faster implementation of the same model gets a higher MFU and never a padde
 Per token, forward = 2 x (activated matmul parameters) + causal attention; training =
 3 x forward (backward costs twice the forward). Activated matmul parameters per layer:
 attention wq, wk, wv, wo (4 D^2); an MoE layer's router (D x E), top_k SwiGLU experts
-(3 D F_e each) and its shared expert if any (3 D F_s); a dense layer's SwiGLU (3 D F); plus the output projection (D x V). The
-embedding lookup is not a matmul and is not counted. Causal attention: QK^T and AV cost
-2 x 2 x D x c per token and layer, where c is the number of keys the token attends to, on
-average (S + 1) / 2 for a causal sequence of S tokens; the often-quoted 12 L D S (PaLM)
-counts the masked half too and overstates MFU for causal models.
+(3 D F_e each) and its shared expert if any (3 D F_s); a dense layer's SwiGLU (3 D F); plus
+the output projection (D x V). The embedding lookup is not a matmul and is not counted.
+Causal attention: QK^T and AV cost 2 x 2 x D x c per token and layer, where c is the number
+of keys the token attends to, on average (S + 1) / 2 for a causal sequence of S tokens; the
+often-quoted 12 L D S (PaLM) counts the masked half too and overstates MFU for causal models.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Reshardable checkpoints: every rank writes the pieces it owns, any layout reads them back.
 
 What is stored (all at global shape, experts on the global expert axis):
-    model/<param>               the parameters (the model's dtype), and the persistent
-                                buffers (the routers' expert bias; replicated)
+    model/<param>               the parameters (the model's dtype)
+    buffer/<name>               the persistent buffers (the routers' expert bias): state that
+                                is not a parameter; replicated, in their own dtype
     master/<param>              fp32 master weights, only where they differ in dtype (ZeRO bf16)
     optim/<param>/exp_avg       Adam's moments, fp32, out of DeepSpeed's flat partitions with
     optim/<param>/exp_avg_sq    their padding removed when ZeRO is on
@@ -85,8 +86,8 @@ def gather_global(model: nn.Module, topology: Topology, local: dict[str, torch.T
     return out
 
 
-def model_pieces(params: list[Shard], topology: Topology) -> list[Piece]:
-    return [Piece(f"model/{s.name}", s.global_shape, s.box, (0, s.box.numel), s.param.detach())
+def model_pieces(params: list[Shard], topology: Topology, prefix: str = "model") -> list[Piece]:
+    return [Piece(f"{prefix}/{s.name}", s.global_shape, s.box, (0, s.box.numel), s.param.detach())
             for s in params if s.writes_whole(topology)]
 
 
@@ -134,7 +135,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, stepper, topology: 
     try:
         params = shards(model, topology)
         optim, adam_step = stepper.export_state(params, topology)
-        pieces = model_pieces(params + buffer_shards(model), topology) + optim
+        pieces = model_pieces(params, topology) + model_pieces(buffer_shards(model), topology, "buffer") + optim
         rng = {f"rng/{topology.rank}/{k}": v for k, v in rng_state().items()}
         listing = [(p.name, p.shape, str(p.tensor.dtype).removeprefix("torch."), p.box.to_json(),
                     list(p.flat), p.key) for p in pieces]
@@ -191,6 +192,16 @@ def fetch_param(ckpt: Checkpoint, shard: Shard) -> torch.Tensor:
     raise CheckpointError(f"checkpoint {ckpt.path} has no tensor model/{shard.name}")
 
 
+def fetch_buffers(ckpt: Checkpoint, buffers: list[Shard]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, its stored values in its own dtype) for each of `buffers` the checkpoint has."""
+    out = []
+    for s in buffers:
+        values = ckpt.fetch(f"buffer/{s.name}", s.box, s.param.dtype)
+        if values is not None:
+            out.append((s.param, values))
+    return out
+
+
 def fetch_moments(ckpt: Checkpoint, shard: Shard) -> dict[str, torch.Tensor]:
     """Adam's two moments of a parameter's block, fp32."""
     out = {}
@@ -210,17 +221,22 @@ def adam_step_count(step: int, optimizer: torch.optim.Optimizer, param: torch.Te
     return torch.tensor(float(step), device=param.device if fused else "cpu")
 
 
-def check_fit(ckpt: Checkpoint, params: list[Shard]) -> None:
-    """Every parameter (and persistent buffer) exists in the checkpoint at the same global
-    shape, and nothing more."""
-    stored = {n.split("/", 1)[1] for n in ckpt.tensors if n.startswith("model/")}
+def stored_names(ckpt: Checkpoint, prefix: str) -> set[str]:
+    return {n.split("/", 1)[1] for n in ckpt.tensors if n.startswith(f"{prefix}/")}
+
+
+def check_fit(ckpt: Checkpoint, params: list[Shard], prefix: str = "model", exact: bool = True) -> None:
+    """Every parameter (prefix model) or persistent buffer (prefix buffer) exists in the
+    checkpoint at the same global shape, and (`exact`) nothing more; without `exact`, only
+    those the checkpoint has are checked."""
+    stored = stored_names(ckpt, prefix)
     ours = {s.name for s in params}
-    if stored != ours:
+    if exact and stored != ours:
         raise CheckpointError(
             f"checkpoint {ckpt.path} does not fit this model: missing "
             f"{sorted(ours - stored)[:4]}, unexpected {sorted(stored - ours)[:4]}")
-    for s in params:
-        saved = tuple(ckpt.tensors[f"model/{s.name}"]["shape"])
+    for s in params if exact else [s for s in params if s.name in stored]:
+        saved = tuple(ckpt.tensors[f"{prefix}/{s.name}"]["shape"])
         if saved != s.global_shape:
             raise CheckpointError(f"checkpoint {ckpt.path}: {s.name} has global shape {saved}, "
                                   f"this model needs {s.global_shape}")
@@ -235,9 +251,10 @@ def load_checkpoint(ckpt: Checkpoint, model: nn.Module, stepper, topology: Topol
     error, apply = None, []
     meta = dict(ckpt.meta)
     try:
-        params = shards(model, topology)
-        check_fit(ckpt, params + buffer_shards(model))
-        staged = [(s.param, fetch_param(ckpt, s)) for s in params + buffer_shards(model)]
+        params, buffers = shards(model, topology), buffer_shards(model)
+        check_fit(ckpt, params)
+        check_fit(ckpt, buffers, "buffer")
+        staged = [(s.param, fetch_param(ckpt, s)) for s in params] + fetch_buffers(ckpt, buffers)
         apply.append(lambda: _copy_params(staged))
         apply += stepper.stage_state(ckpt, params, topology)
         rng = ckpt.manifest["rng"].get(str(topology.rank))
@@ -276,10 +293,16 @@ def _set_rng(states: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def load_weights(ckpt: Checkpoint, model: nn.Module) -> None:
-    """Model weights only (fine-tuning start), into a plainly built model BEFORE any parallel
-    transform. Local, no collectives; checks every tensor before copying any."""
+def load_weights(ckpt: Checkpoint, model: nn.Module) -> list[str]:
+    """Model weights (fine-tuning start), into a plainly built model BEFORE any parallel
+    transform, and the persistent buffers both have. Local, no collectives; checks every
+    parameter before copying any. Returns a note per buffer only one side has: the model's
+    keeps its initial value (a router bias starts at zero), the checkpoint's is not used."""
     params = [Shard(n, p, tuple(p.shape), Box.whole(p.shape), "world") for n, p in model.named_parameters()]
-    params += buffer_shards(model)
     check_fit(ckpt, params)
-    _copy_params([(s.param, fetch_param(ckpt, s)) for s in params])
+    buffers = buffer_shards(model)
+    check_fit(ckpt, buffers, "buffer", exact=False)
+    _copy_params([(s.param, fetch_param(ckpt, s)) for s in params] + fetch_buffers(ckpt, buffers))
+    ours, stored = {s.name for s in buffers}, stored_names(ckpt, "buffer")
+    return ([f"{n}: not in the checkpoint, starts at its initial value" for n in sorted(ours - stored)]
+            + [f"{n}: in the checkpoint, not used by this model" for n in sorted(stored - ours)])

@@ -84,12 +84,13 @@ class TopKRouter(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(num_experts) if expert_bias else None)
 
     def _apply(self, fn, recurse=True):
-        # The bias stays fp32 when the module is cast (DeepSpeed's bf16 mode casts every
-        # buffer): it sums steps of bias_update_rate, and a bf16 bias of 0.5 would round a
-        # step of 1e-3 to 0 or 2e-3.
+        # The bias keeps its fp32 values when the module is cast (`.bfloat16()`, as some
+        # DeepSpeed versions do to the whole module in bf16 mode): it sums steps of
+        # bias_update_rate, and in bf16 a bias of 0.5 would round a step of 1e-3 to 0 or 2e-3.
+        bias = self.expert_bias
         super()._apply(fn, recurse)
-        if self.expert_bias is not None and self.expert_bias.dtype != torch.float32:
-            self.expert_bias = self.expert_bias.float()
+        if bias is not None and self.expert_bias.dtype != torch.float32:
+            self.expert_bias = bias.to(self.expert_bias.device)
         return self
 
     @torch.no_grad()

@@ -289,8 +289,6 @@ def test_inspect_cli_reports_and_verifies(copy):
     ("--model.dim=64", "model.dim is 32 in the checkpoint and 64 here"),
     ("--model.vocab_size=512", "model.vocab_size is 256 in the checkpoint and 512 here"),
     ("--moe.shared_expert_hidden=32", "moe.shared_expert_hidden is 24 in the checkpoint and 32 here"),
-    ("--moe.bias_update_rate=0.001", "moe.bias_update_rate is 0.0 in the checkpoint and 0.001 here, "
-     "so the routers' expert bias would be missing from it"),
 ])
 def test_a_checkpoint_that_does_not_fit_the_model_is_refused(saved, override, message):
     job = load_config(["--config", TINY, *SMALL, override])
@@ -309,5 +307,28 @@ def test_resuming_with_another_sample_order_is_refused_but_init_from_is_not(save
                            r"the checkpoint and .* here.*\(16 samples seen\).*--checkpoint.init_from="):
             check_fits(ckpt, job)
         check_fits(ckpt, load_config(["--config", TINY, *SMALL, override, f"--checkpoint.init_from={ckpt.path}"]))
+    # the routers' expert bias may not appear in a resumed run; init_from starts it at zero
+    job = load_config(["--config", TINY, *SMALL, "--moe.bias_update_rate=0.001", "--checkpoint.resume=auto"])
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*step_00000002: moe.bias_update_rate is 0.0 "
+                       r"in the checkpoint and 0.001 here, so the routers' expert bias would be missing"):
+        check_fits(ckpt, job)
+    check_fits(ckpt, load_config(["--config", TINY, *SMALL, "--moe.bias_update_rate=0.001",
+                                  f"--checkpoint.init_from={ckpt.path}"]))
     # a layout or batch change keeps the order (the position is counted in samples)
     check_fits(ckpt, load_config(["--config", TINY, *SMALL, "--train.micro_batch_size=1", "--checkpoint.resume=auto"]))
+
+
+@pytest.mark.distributed
+def test_init_from_a_checkpoint_without_expert_bias_loads_the_weights_and_starts_the_bias_at_zero(saved):
+    from model.transformer import TransformerLM
+    from parallel.checkpoint import load_weights
+
+    ckpt = open_checkpoint(saved / "step_00000002")
+    job = load_config(["--config", TINY, *SMALL, "--moe.bias_update_rate=0.001"])
+    model = TransformerLM(job.model, job.moe)
+    notes = load_weights(ckpt, model)
+    assert notes == [f"layers.{i}.ffn.router.expert_bias: not in the checkpoint, starts at its initial value"
+                     for i in range(job.model.n_layers)]
+    assert all(torch.equal(m.router.expert_bias, torch.zeros(4)) for m in model.moe_layers())
+    w = "layers.0.ffn.experts.w1_EDF"
+    torch.testing.assert_close(dict(model.named_parameters())[w].detach(), ckpt.full(f"model/{w}"))

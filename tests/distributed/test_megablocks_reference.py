@@ -48,7 +48,8 @@ def _single_process_checks(rank, world):
 def test_layer_model_and_weight_layout_equal_native():
     """ep 1: grouped_forward_once against the native layer (three shapes in bf16, and fp32
     weights with and without autocast), the whole model (also recomputing its blocks in
-    backward, with a shared expert and the routers' expert bias), and the documented weight mapping against MegaBlocks' own GroupedGLU."""
+    backward, with a shared expert and the routers' expert bias), and the documented weight
+    mapping against MegaBlocks' own GroupedGLU."""
     run_distributed(_single_process_checks, world_size=1, timeout_s=240)
 
 
