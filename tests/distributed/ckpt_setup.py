@@ -39,6 +39,9 @@ LAYOUTS = {  # name -> overrides; world size is dp x tp
                      "--moe.bias_update_rate=0.01"],
     "dp2_tp2_ep2_bias": ["--parallel.dp=2", "--parallel.tp=2", "--parallel.ep=2",
                          "--train.micro_batch_size=4", "--moe.bias_update_rate=0.01"],
+    "dp2_tp2_ep2_zero2_bias": ["--parallel.dp=2", "--parallel.tp=2", "--parallel.ep=2",
+                               "--parallel.zero_stage=2", "--train.micro_batch_size=4",
+                               "--moe.bias_update_rate=0.01"],
     "dp4_ep2_deepspeed": ["--parallel.dp=4", "--parallel.ep=2", "--train.micro_batch_size=2",
                           "--moe.backend=deepspeed", "--moe.drop_tokens=false", "--moe.use_rts=false"],
 }

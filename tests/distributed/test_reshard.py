@@ -34,6 +34,7 @@ CASES = [
     ("dp4_ep2_zero2", "dp2_tp2_ep2_zero2"),  # the same into DeepSpeed's partitions
     ("dp4_ep4", "dp4_ep2_deepspeed"),  # native -> deepspeed backend
     ("dp4_ep4_bias", "dp2_tp2_ep2_bias"),  # the routers' expert bias (a buffer) goes along
+    ("dp4_ep4_bias", "dp2_tp2_ep2_zero2_bias"),  # ... into a DeepSpeed ZeRO-2 run
 ]
 
 
