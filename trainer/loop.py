@@ -103,21 +103,22 @@ class Trainer:
         """One optimizer step; returns the global gradient norm before clipping."""
         self.model.train()
         self.stepper.begin(lr_at(self.step, self.cfg))
-        counts_LE = 0
+        counts_LE, bias_rate = 0, self.job.moe.bias_update_rate
         for micro in range(self.cfg.grad_accum):
             x, y = self.sampler.batch_at(self.samples_seen + micro * self.samples_per_micro)
             with self.autocast():
                 out = self.stepper.forward(x.to(self.device), y.to(self.device))
             self.stepper.backward(out.loss)
             window.add(out, self.cfg.grad_accum)
-            counts_LE = counts_LE + out.expert_counts_LE.detach()
+            if bias_rate:
+                counts_LE = counts_LE + out.expert_counts_LE.detach()
         norm = self.stepper.finish()
-        if self.job.moe.bias_update_rate:
+        if bias_rate:
             # The global batch's load: tp partners route the same tokens, so the dp group has
             # every token once. On the device, no host synchronisation.
             counts_LE = counts_LE.to(self.device)
             all_reduce(counts_LE, self.topology.groups["dp"])
-            self.model.update_expert_bias(counts_LE, self.job.moe.bias_update_rate)
+            self.model.update_expert_bias(counts_LE, bias_rate)
         self.step += 1
         window.steps += 1
         return norm
@@ -255,8 +256,10 @@ class Trainer:
                 last = self.step == cfg.steps
                 if self.step % log_cfg.log_interval == 0 or last:
                     scalars = self._log(window, norm, throughput.rate())
-                    self.train_history.append({"step": self.step, "loss": scalars["train/loss"]} | (
-                        {"max_over_mean": scalars["moe/max_over_mean"]} if "moe/max_over_mean" in scalars else {}))
+                    entry = {"step": self.step, "loss": scalars["train/loss"]}
+                    if "moe/max_over_mean" in scalars:  # the window's load imbalance
+                        entry["max_over_mean"] = scalars["moe/max_over_mean"]
+                    self.train_history.append(entry)
                     window = _Window()
                     bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
                                     tok_s=f"{scalars['train/tokens_per_s']:.0f}")
