@@ -59,7 +59,7 @@ def measure(setup, warmup: int, steps: int) -> dict:
     out.loss.backward()
     del out
     if compile_:
-        model.compile_dense()
+        model.compile_modules()
     cuda = setup.device.type == "cuda"
 
     def step() -> None:

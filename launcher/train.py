@@ -30,6 +30,7 @@ from launcher.env import (
     read_env,
     shutdown_distributed,
 )
+from model.config import ARCHITECTURE
 from model.errors import ConfigError
 from model.transformer import TransformerLM
 from parallel.checkpoint import agree, load_weights
@@ -63,9 +64,6 @@ command line; later overrides win. Unknown keys are rejected.
 """
 
 
-# Config fields that fix parameter shapes: a checkpoint only fits a run that agrees on them.
-ARCHITECTURE = {"model": ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "tie_embeddings"),
-                "moe": ("num_experts", "expert_hidden", "every_n_layers", "shared_expert_hidden")}
 # What fixes the order of the training samples (trainer/data.py): a resumed run must keep it.
 # (micro_batch_size, grad_accum and dp may change: the position is counted in samples.)
 DATA_ORDER = {"train": ("seq_len", "seed"),
@@ -203,7 +201,7 @@ def build_model(job: JobConfig, topology: Topology, device: torch.device,
     apply_expert_parallel(model, topology)
     model.set_recompute(job.train.recompute)
     if job.train.compile:
-        model.compile_dense()
+        model.compile_modules()
     return model.to(device)
 
 

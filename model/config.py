@@ -19,6 +19,12 @@ DEEPSPEED_ONLY = ("capacity_factor", "eval_capacity_factor", "min_capacity", "dr
 EXPERT_IMPLS = ("grouped_mm", "loop")
 RECOMPUTE = ("none", "ffn", "full")  # train.recompute, applied by TransformerLM.set_recompute
 
+# The fields that fix parameter shapes, per section: a checkpoint (ours or an imported one) only
+# fits a model that agrees on every one of them. A new field that adds, removes or reshapes a
+# parameter or a persistent buffer belongs here; its default must reproduce the model before it.
+ARCHITECTURE = {"model": ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "tie_embeddings"),
+                "moe": ("num_experts", "expert_hidden", "every_n_layers", "shared_expert_hidden")}
+
 
 @dataclass
 class ModelConfig:

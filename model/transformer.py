@@ -115,7 +115,7 @@ class TransformerLM(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def compile_dense(self) -> None:
+    def compile_modules(self) -> None:
         """torch.compile the attention, the norms and the dense FFNs (shared experts included) in
         place (train.compile), and the native MoE layers' elementwise work around their GEMMs
         (compile_kernels).

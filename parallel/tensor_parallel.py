@@ -6,7 +6,7 @@ row-parallel). The embedding, the output
 projection, the norms and the router stay replicated: with the byte vocabulary (256) a
 vocabulary-parallel embedding and cross-entropy would save nothing and add two collectives;
 they pay off at 32k+ vocabularies. MoE experts are not split by tp: each tp rank dispatches
-its slice of the tokens (model/moe/layer.py), and tp partners holding the same experts
+its slice of the tokens (model/moe/native_backend.py), and tp partners holding the same experts
 reduce their gradients in the expert-data-parallel group.
 
 Every sharded parameter gets `tp_partition_dim` (the dim it was cut along) and

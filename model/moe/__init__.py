@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from model.config import MoEConfig
-from model.moe.layer import MoELayer, NativeMoE
+from model.moe.layer import MoELayer
+from model.moe.native_backend import NativeMoE
 from model.moe.router import RouterOutput
 
 __all__ = ["MoELayer", "NativeMoE", "RouterOutput", "build_moe"]

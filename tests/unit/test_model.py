@@ -108,7 +108,7 @@ def test_weight_decay_only_on_matrices():
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
 
 
-def test_compile_dense_equals_eager_and_keeps_names():
+def test_compile_modules_equals_eager_and_keeps_names():
     """train.compile: the same loss and gradients as eager (fp32, up to kernel rounding), the
     same state-dict names (checkpoints unchanged), one graph per module type for all blocks,
     and the MoE layers' elementwise work fused too. With train.recompute=full as well: the same
@@ -125,7 +125,7 @@ def test_compile_dense_equals_eager_and_keeps_names():
     compiled, recomputed = copy.deepcopy(eager), copy.deepcopy(eager)
     recomputed.set_recompute("full")
     for m in (compiled, recomputed):
-        m.compile_dense()
+        m.compile_modules()
     assert list(compiled.state_dict()) == list(eager.state_dict())
     assert all(m.fused and m.experts.pointwise is compiled_pointwise() for m in compiled.moe_layers())
     assert all(not m.fused and m.experts.pointwise is EAGER for m in eager.moe_layers())
