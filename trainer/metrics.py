@@ -1,4 +1,6 @@
-"""Training metrics: MoE expert-load statistics, a load heatmap, TensorBoard output, throughput.
+"""Training metrics: MoE expert-load statistics, TensorBoard output, throughput.
+
+The layers x experts load heatmap is drawn in trainer/heatmap.py.
 
 Nothing here talks to torch.distributed: the trainer reduces counts across ranks first and
 only rank 0 writes (other ranks get a disabled ``MetricsWriter`` whose methods are no-ops).
@@ -15,31 +17,15 @@ from typing import Any
 
 import torch
 
-# Viridis sampled at 0, 1/8, ..., 1 (matplotlib's values). Viridis is perceptually uniform and
-# its luminance rises monotonically, so "brighter" always means "more load", also in greyscale.
-_VIRIDIS_K3 = torch.tensor(
-    [
-        [68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
-        [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37],
-    ],
-    dtype=torch.float64,
-)
-_GRID_RGB = (0, 0, 0)
 
-
-def _check_counts(counts_LE: torch.Tensor) -> torch.Tensor:
+def check_counts(counts_LE: torch.Tensor) -> torch.Tensor:
+    """The counts as float64 on the CPU, after checking they are a 2-D non-negative grid."""
     if counts_LE.ndim != 2:
         raise ValueError(f"counts_LE must be 2-D (layers, experts), got shape {tuple(counts_LE.shape)}")
     counts = counts_LE.detach().to("cpu", torch.float64)
     if bool((counts < 0).any()):
         raise ValueError("counts_LE must be non-negative token counts")
     return counts
-
-
-def _layer_shares(counts_LE: torch.Tensor) -> torch.Tensor:
-    """Each expert's fraction of its layer's token-slots; 0 (not NaN) for a layer with no tokens."""
-    total_L1 = counts_LE.sum(dim=1, keepdim=True)
-    return torch.where(total_L1 > 0, counts_LE / total_L1.clamp_min(1e-30), torch.zeros_like(counts_LE))
 
 
 def expert_load_stats(counts_LE: torch.Tensor, entropy_L: torch.Tensor | None = None,
@@ -58,7 +44,7 @@ def expert_load_stats(counts_LE: torch.Tensor, entropy_L: torch.Tensor | None = 
     """
     if counts_LE.numel() == 0:
         return {}
-    counts = _check_counts(counts_LE)
+    counts = check_counts(counts_LE)
     num_layers, num_experts = counts.shape
     total_L = counts.sum(dim=1)
     max_L = counts.max(dim=1).values
@@ -96,51 +82,6 @@ def expert_load_stats(counts_LE: torch.Tensor, entropy_L: torch.Tensor | None = 
             out[f"moe/layer{layer}/dropped_fraction"] = float(fraction_L[layer])
         out["moe/dropped_fraction"] = float(dropped.sum() / total_L.sum().clamp_min(1e-30))
     return out
-
-
-def _colormap(values: torch.Tensor) -> torch.Tensor:
-    """Map values in [0, 1] (any shape S) to RGB floats in [0, 255], shape S + (3,)."""
-    pos = values.clamp(0.0, 1.0) * (len(_VIRIDIS_K3) - 1)
-    lo = pos.floor().long().clamp(max=len(_VIRIDIS_K3) - 2)
-    frac = (pos - lo).unsqueeze(-1)
-    return _VIRIDIS_K3[lo] * (1 - frac) + _VIRIDIS_K3[lo + 1] * frac
-
-
-def load_heatmap(counts_LE: torch.Tensor, cell: int = 16, grid: bool = True) -> torch.Tensor:
-    """Expert-load heatmap as a uint8 RGB image (3, H, W) for ``add_image(..., dataformats="CHW")``.
-
-    Rows are MoE layers (layer 0 on top), columns are experts. Colour scale (viridis, dark
-    purple -> teal -> bright yellow) encodes each expert's share of its layer's token-slots,
-    relative to the uniform share 1/E:
-
-    * dark purple  = 0 (expert idle),
-    * teal (the middle of the scale) = exactly 1/E (perfectly balanced),
-    * bright yellow = 2/E or more (clamped; the expert is at least twice overloaded).
-
-    A layer with no tokens is drawn all dark purple. Scaling by 1/E rather than by the maximum
-    keeps colours comparable across steps and layers. Each cell is ``cell x cell`` pixels;
-    with ``grid`` a 1-pixel black line separates cells, so H = L*cell + (L-1) and
-    W = E*cell + (E-1); without it H = L*cell, W = E*cell.
-    """
-    if cell < 1:
-        raise ValueError(f"cell must be >= 1, got {cell}")
-    counts = _check_counts(counts_LE)
-    num_layers, num_experts = counts.shape
-    if num_layers == 0 or num_experts == 0:
-        return torch.zeros(3, 0, 0, dtype=torch.uint8)
-    value_LE = _layer_shares(counts) * num_experts / 2.0  # 1/E -> 0.5, 2/E -> 1.0
-    rgb_LE3 = _colormap(value_LE).round().to(torch.uint8)
-    pitch = cell + 1 if grid else cell
-    # Nearest-neighbour upscale: every pixel of a cell repeats the cell's colour.
-    tiles = rgb_LE3[:, None, :, None, :].expand(num_layers, pitch, num_experts, pitch, 3).clone()
-    if grid:
-        grid_rgb = torch.tensor(_GRID_RGB, dtype=torch.uint8)
-        tiles[:, cell] = grid_rgb
-        tiles[:, :, :, cell] = grid_rgb
-    img_HW3 = tiles.reshape(num_layers * pitch, num_experts * pitch, 3)
-    if grid:  # drop the trailing line after the last row/column
-        img_HW3 = img_HW3[:-1, :-1]
-    return img_HW3.permute(2, 0, 1).contiguous()
 
 
 class MetricsWriter:
