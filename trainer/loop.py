@@ -29,12 +29,12 @@ from parallel.collectives import all_reduce
 from parallel.faults import fault_point
 from parallel.topology import Topology
 from trainer.data import RankData
+from trainer.heatmap import write_load_heatmap
 from trainer.metrics import (
     MetricsWriter,
     StepTimer,
     Throughput,
     expert_load_stats,
-    load_heatmap,
     peak_flops,
     peak_memory,
 )
@@ -164,8 +164,9 @@ class Trainer:
         all_reduce(total, self.topology.groups["dp"])
         return total.item() / self.topology.size("dp")
 
-    def _log(self, window: _Window, rate: float) -> dict:
+    def _log(self, window: _Window, throughput: Throughput) -> dict:
         """Reduce the window over dp and write scalars; returns them. Collective."""
+        rate = throughput.rate()
         dp_group, dp = self.topology.groups["dp"], self.topology.size("dp")
         losses = (window.losses / window.steps).to(self.device)
         all_reduce(losses, dp_group)
@@ -189,7 +190,11 @@ class Trainer:
                     scalars[f"moe/layer{i}/expert_bias_spread"] = float(bias.max() - bias.min())
             heat_every = self.job.logging.heatmap_interval
             if heat_every and (self.step - self.last_heatmap >= heat_every or self.step == self.cfg.steps):
-                self.metrics.image("moe/expert_load", load_heatmap(counts), self.step)
+                if self.is_main and self.metrics.failure is None:  # rank 0 draws, out of tokens/s
+                    blocks = [i for i in range(self.job.model.n_layers) if self.job.moe.is_moe_layer(i)]
+                    with throughput.excluded(), self.metrics.guarded("drawing the expert-load heatmap"):
+                        write_load_heatmap(self.metrics, self.run_dir, counts, self.step,
+                                           window.steps, blocks)
                 self.last_heatmap = self.step
         self.metrics.scalars(self.step, scalars)
         return scalars
@@ -281,7 +286,7 @@ class Trainer:
                 bar.update(1)
                 last = self.step == cfg.steps
                 if (self.step % log_cfg.log_interval == 0 or last) and window.steps:
-                    scalars = self._log(window, throughput.rate())
+                    scalars = self._log(window, throughput)
                     entry = {"step": self.step, "loss": scalars["train/loss"]}
                     if "moe/max_over_mean" in scalars:  # the window's load imbalance
                         entry["max_over_mean"] = scalars["moe/max_over_mean"]

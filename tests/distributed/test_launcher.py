@@ -64,6 +64,8 @@ def test_default_run_learns_and_its_checkpoint_reproduces_the_eval_loss(default_
                 "moe/layer3/busiest_expert_fraction", "moe/router_entropy"):
         assert tag in tags["scalars"], tag
     assert "moe/expert_load" in tags["images"]
+    assert sorted(p.name for p in (run_dir / "expert_load").iterdir()) == [
+        "latest.png", "step_00000010.png", "step_00000020.png"]
 
     # The checkpoint holds the global-shape weights: loaded at ep=1 in this one process, it
     # reproduces the eval loss the 4 ranks computed together (mean over their eval shards).

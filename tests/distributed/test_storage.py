@@ -71,3 +71,50 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path):
     finally:
         if mounted:
             subprocess.run(["umount", str(run_dir)], check=False)
+
+
+def _train_with_tensorboard_failing(rank, world, run_dir, mounted):
+    from torch.utils.tensorboard import SummaryWriter
+
+    trainer = make_trainer(rank, run_dir, "dp2_ep2", "--logging.tensorboard=true",
+                           "--logging.log_interval=1", "--logging.heatmap_interval=1",
+                           "--train.steps=4", "--train.eval_interval=0")
+    if rank == 0:
+        tensorboard = trainer.run_dir / "tensorboard"
+        if mounted:  # the first step writes; then the file system turns read-only
+            original = SummaryWriter.add_scalar
+
+            def once_then_readonly(self, *args, **kwargs):
+                SummaryWriter.add_scalar = original
+                original(self, *args, **kwargs)
+                self.flush()
+                subprocess.run(["mount", "-o", "remount,ro", str(tensorboard)], check=True)
+
+            SummaryWriter.add_scalar = once_then_readonly
+        else:
+            def readonly(self, *args, **kwargs):
+                raise OSError(errno.EROFS, "Read-only file system", str(tensorboard))
+
+            SummaryWriter.add_scalar = readonly
+    summary = trainer.fit()
+    return summary["steps"], trainer.metrics.failure
+
+
+@pytest.mark.distributed
+def test_tensorboard_failing_is_reported_once_and_training_goes_on(tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    mounted = _mount_tmpfs(run_dir / "tensorboard", "16m")
+    try:
+        results = run_distributed(_train_with_tensorboard_failing, 2, (str(run_dir), mounted), timeout_s=180)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(run_dir / "tensorboard")], check=False)
+    (steps, failure), (steps_1, _) = results
+    assert steps == steps_1 == 4
+    assert failure.startswith("writing TensorBoard scalars: cannot write")
+    assert "the file system is read-only (EROFS" in failure, failure
+    out = capfd.readouterr()
+    assert out.out.count("TensorBoard and heatmaps are off") == 1, out.out
+    assert "Traceback" not in out.err and "Exception in thread" not in out.err, out.err[-3000:]
+    assert [p.name for p in committed(run_dir / "checkpoints")] == ["step_00000004"]
