@@ -75,8 +75,8 @@ def routed_inputs(D: int, E: int, T: int, routing: str, device, dtype, seed: int
     expert e's logit is shifted by that for every token: its softmax probability scales by
     (e+1)^-a on top of the random part (logits of standard deviation about 1). a =
     ZIPF_STRENGTH = 1 gives the busiest expert a share of the token-slots near Zipf(1)'s first
-    share 1 / H_E where top-k allows it (measured: 0.366 against 0.368 at E 8, top-2; 0.119 at
-    E 64, top-8, where a token picks an expert once, so no share exceeds 1 / K = 0.125)."""
+    share 1 / H_E where top-k allows it (at E 64, top-8 a token picks an expert once, so no
+    share exceeds 1 / K = 0.125)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, D, generator=g)
     w = torch.randn(E, D, generator=g) * (D ** -0.5)

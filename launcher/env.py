@@ -296,8 +296,8 @@ def _store(env: DistEnv, timeout: datetime.timedelta) -> dist.Store:
 
     Under torchrun the agent hosts the store and keeps it across `--max-restarts` attempts;
     without a prefix, restarted workers read the previous attempt's gloo addresses and fail
-    to connect (seen here: "Gloo connectFullMesh failed ... Connection refused"). Launched
-    without an agent (Slurm tasks), rank 0 hosts it."""
+    to connect ("Gloo connectFullMesh failed ... Connection refused"). Launched without an
+    agent (Slurm tasks), rank 0 hosts it."""
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(env.master_addr, env.master_port, env.world_size,
                           is_master=env.rank == 0 and not agent, timeout=timeout,

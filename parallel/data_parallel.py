@@ -73,9 +73,8 @@ def global_grad_norm(
 
     def sq(params):
         # Multi-tensor norms (torch._foreach_norm on CUDA): one pass over the gradients with
-        # no temporaries. Squaring each gradient and summing it took three passes and a
-        # gradient-sized temporary per tensor: about 12 ms a step for the 1.7 B parameters of
-        # configs/gpu_moe_1b.yaml at H100 memory speed.
+        # no temporaries, where squaring each gradient and summing it takes three passes and
+        # a gradient-sized temporary per tensor.
         grads = _grads(params)
         if not grads:
             return torch.zeros((), device=device)

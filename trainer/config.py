@@ -55,7 +55,7 @@ class TrainConfig:
     """torch.compile the dense parts of the model (attention, norms, dense FFNs), in place: all
     blocks share one compiled graph per part, and the state dict keeps its names. The MoE
     layers stay eager (data-dependent dispatch, their own autograd functions, collectives).
-    The first step pays the compilation (seconds on a GPU, ~15 s on a small CPU)."""
+    The first step pays the compilation."""
     recompute: str = "none"
     """Activation checkpointing: none; ffn (each block's feed-forward, the norm and the MoE
     layer, runs again in backward: an MoE layer's activations grow with top_k, the attention's

@@ -30,7 +30,7 @@ def build_optimizer(groups: list[dict] | list[nn.Parameter], cfg: TrainConfig) -
         groups = param_groups(groups, cfg)
     params = [p for g in groups for p in g["params"]]
     # On CUDA, the fused kernel: a few launches per parameter group instead of about eight per
-    # tensor (hundreds of tensors: milliseconds per step, next to steps of tens of ms).
+    # tensor, for hundreds of tensors.
     # Elsewhere, one tensor at a time (foreach=False). Either way each element gets the same
     # arithmetic however the tensors are grouped, so every layout updates identically.
     fused = bool(params) and all(p.is_cuda for p in params)
