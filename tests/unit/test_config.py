@@ -143,12 +143,11 @@ def test_lists_parse_from_the_cli_and_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("moe:\n  dense_layers: [0, 2]\n")
     assert load_config(["--config", str(path)]).moe.dense_layers == [0, 2]
-    path.write_text("moe:\n  dense_layers: 2\n")
-    with pytest.raises(ConfigError, match=r"moe.dense_layers must be a list of integers, got 2 \(int\)"):
-        load_config(["--config", str(path)])
-    path.write_text("moe:\n  dense_layers: [0.5]\n")
-    with pytest.raises(ConfigError, match=r"moe.dense_layers\[0\] must be an integer, got 0.5 \(float\)"):
-        load_config(["--config", str(path)])
+    for value, message in (("2", r"moe.dense_layers must be a list of integers, got 2 \(int\)"),
+                           ("[0.5]", r"moe.dense_layers\[0\] must be an integer, got 0.5 \(float\)")):
+        path.write_text(f"moe:\n  dense_layers: {value}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(["--config", str(path)])
 
 
 def test_renormalized_top1_is_allowed():
