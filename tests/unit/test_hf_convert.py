@@ -18,9 +18,10 @@ FAMILY_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 
 @pytest.fixture(scope="module", params=FAMILY_NAMES)
 def hf(request, tmp_path_factory):
-    """(transformers model, its in-memory (fused) state, what save_pretrained wrote (per expert))."""
-    model = tiny_hf(request.param)
-    return model, model.state_dict(), per_expert_state(model, tmp_path_factory.mktemp(request.param))
+    """(transformers model, its in-memory (fused) state, what save_pretrained wrote (per
+    expert), the directory it wrote to)."""
+    model, path = tiny_hf(request.param), tmp_path_factory.mktemp(request.param)
+    return model, model.state_dict(), per_expert_state(model, path), path
 
 
 def _cfgs(model):
@@ -29,7 +30,7 @@ def _cfgs(model):
 
 
 def test_round_trips_are_bitwise_in_both_layouts(hf):
-    model, fused, per_expert = hf
+    model, fused, per_expert, _ = hf
     family, model_cfg, moe_cfg = _cfgs(model)
     assert detect_layout(fused) == "fused" and detect_layout(per_expert) == "per_expert"
     ours = hf_to_ours(family, per_expert, model_cfg, moe_cfg)
@@ -77,7 +78,7 @@ def test_every_block_reads_only_what_it_needs(hf, layout):
     """table.read of a block equals that block of the whole conversion and reads no more
     elements than it holds, except rows relabelled for rotary, which may read the rest of
     the heads they touch (never more than one head beyond each end)."""
-    model, fused, per_expert = hf
+    model, fused, per_expert, _ = hf
     family, model_cfg, moe_cfg = _cfgs(model)
     state = per_expert if layout == "per_expert" else fused
     table = build_table(family, model_cfg, moe_cfg, layout)
@@ -94,8 +95,59 @@ def test_every_block_reads_only_what_it_needs(hf, layout):
             assert source.elements <= budget, (name, box, source.elements, box.numel)
 
 
+class SafetensorsSource:
+    """The source interface over safetensors' lazy reader: nothing is read but the slices."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def names(self):
+        return self.handle.keys()
+
+    def shape(self, name):
+        return tuple(self.handle.get_slice(name).get_shape())
+
+    def read(self, name, index):
+        return self.handle.get_slice(name)[index]
+
+
+def test_a_safetensors_file_backs_the_source(hf):
+    """Reading blocks straight from the file save_pretrained wrote gives the same tensors."""
+    from safetensors import safe_open
+
+    model, _, per_expert, path = hf
+    family, model_cfg, moe_cfg = _cfgs(model)
+    table = build_table(family, model_cfg, moe_cfg, "per_expert")
+    whole = hf_to_ours(family, per_expert, model_cfg, moe_cfg)
+    with safe_open(path / "model.safetensors", "pt") as handle:
+        source = SafetensorsSource(handle)
+        table.check(source)
+        for name, link in table.links.items():
+            box = next(_boxes(link.shape, model_cfg.head_size))
+            want = whole[name][box.slices_within(Box.whole(link.shape))]
+            assert torch.equal(table.read(source, name, box), want), name
+
+
+def test_tied_embeddings():
+    """tie_word_embeddings: one tensor, embed_tokens; transformers' lm_head.weight (the same
+    tensor in memory) is accepted unread, and files carry only embed_tokens."""
+    import transformers as tf
+
+    config = hf_config("qwen3_moe")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    family, model_cfg, moe_cfg = _cfgs(model)
+    assert model_cfg.tie_embeddings
+    ours = hf_to_ours(family, model.state_dict(), model_cfg, moe_cfg)
+    assert "output.weight" not in ours
+    back = ours_to_hf(family, ours, model_cfg, moe_cfg, "fused")
+    assert set(model.state_dict()) - set(back) == {"lm_head.weight"}
+    assert all(torch.equal(back[n], model.state_dict()[n]) for n in back)
+
+
 def test_bad_tensors_are_named(hf):
-    model, fused, per_expert = hf
+    model, fused, per_expert, _ = hf
     family, model_cfg, moe_cfg = _cfgs(model)
     name = "model.layers.0.self_attn.q_proj.weight"
     with pytest.raises(ValueError, match=rf"HF tensor {name} has shape \[\d+, 31\], expected \[\d+, 32\]"):
