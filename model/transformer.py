@@ -17,8 +17,8 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from model.config import RECOMPUTE, ModelConfig, MoEConfig
 from model.errors import check_choice
-from model.layers import Attention, RMSNorm, SwiGLU, rotary_tables
 from model.kv_cache import KVCache
+from model.layers import Attention, RMSNorm, SwiGLU, rotary_tables
 from model.moe import MoELayer, RouterOutput, build_moe
 
 

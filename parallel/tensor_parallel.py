@@ -1,10 +1,9 @@
 """Tensor parallelism as a transform: shard the dense weights, inject the region collectives.
 
 Attention splits its query and key/value heads (wq, wk, wv and their biases column-parallel,
-wo row-parallel; a QK-norm over the whole projection splits its gain with the heads, one per
-head is kept whole); the dense SwiGLU,
-and an MoE layer's shared expert, split their hidden units (w1, w3 column-parallel, w2
-row-parallel). The embedding, the output
+wo row-parallel; a QK-norm over the whole projection splits its gain with the heads, a
+per-head one is kept whole); the dense SwiGLU, and an MoE layer's shared expert, split their
+hidden units (w1, w3 column-parallel, w2 row-parallel). The embedding, the output
 projection, the norms and the router stay replicated: with the byte vocabulary (256) a
 vocabulary-parallel embedding and cross-entropy would save nothing and add two collectives;
 they pay off at 32k+ vocabularies. MoE experts are not split by tp: each tp rank dispatches

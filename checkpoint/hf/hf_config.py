@@ -1,9 +1,8 @@
 """HF config.json <-> our ModelConfig and MoEConfig: the parts every family shares.
 
 A family's mapping reads its config.json key by key through `HFConfig`; `finish` then refuses
-every key nobody read (beyond GENERIC, which describe tokens, outputs or the file, not the
-computation), so a field the model cannot represent is named with its value rather than
-silently dropped. The inverse writes the keys transformers' config class of the family reads,
+every key nobody read (beyond GENERIC), so a field the model cannot represent is named with
+its value rather than silently dropped. The inverse writes the keys transformers' config class of the family reads,
 after `require` has refused what the family cannot express.
 """
 
@@ -14,6 +13,9 @@ from typing import Any
 from model.config import ModelConfig, MoEConfig
 from model.errors import ConfigError
 
+# Keys about tokens, outputs or the file, not the computation. (pad_token_id: transformers'
+# embedding keeps that row's gradient at zero, ours trains it; it matters only where the pad
+# token occurs in the training data.)
 GENERIC = frozenset({
     "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
     "bos_token_id", "eos_token_id", "pad_token_id", "use_cache", "output_router_logits",

@@ -25,7 +25,8 @@ class RouterOutput:
     the routed scaling factor)."""
     aux_loss: torch.Tensor
     """Load-balancing loss E * sum_e f_e * P_e: f_e = share of token-slots routed to e
-    (not differentiable), P_e = mean router probability of e. Equals 1.0 when balanced."""
+    (not differentiable), P_e = mean router probability of e (softmax; with sigmoid scores,
+    each token's scores divided by their sum). Equals 1.0 when balanced."""
     z_loss: torch.Tensor
     """Router z-loss: mean over tokens of logsumexp(logits)^2 (keeps logits small)."""
     counts_E: torch.Tensor
