@@ -48,12 +48,13 @@ $(MB_REF)/.ready: scripts/install_megablocks.sh Makefile | $(STAMP)
 	echo "$(MB_REF_TRITON)" > $(MB_REF).new/.ready
 	rm -rf $(MB_REF) && mv $(MB_REF).new $(MB_REF)
 
+# launcher.agent is torchrun returning the job's exit code (launcher/exit_codes.py).
 train: $(STAMP)
-	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m launcher.train --config $(CONFIG) $(ARGS)
+	$(BIN)/python -m launcher.agent --standalone --nproc_per_node=$(NPROC) -m launcher.train --config $(CONFIG) $(ARGS)
 
 # NODES simulated nodes x PER_NODE processes on this machine: one torchrun agent per node.
 simulate: $(STAMP)
-	$(BIN)/python -m launcher.simulate --nodes $(NODES) --nproc-per-node $(PER_NODE) -- --config $(CONFIG) $(ARGS)
+	$(BIN)/python -m launcher.simulate --nodes $(NODES) --nproc-per-node $(PER_NODE) -- --config $(CONFIG) --logging.run_dir=runs/simulate $(ARGS)
 
 # Strong and weak scaling over SWEEP_NODES simulated nodes x SWEEP_PER_NODE processes:
 # runs/sweep/scaling.csv and scaling_{strong,weak}.png. LAUNCHER=slurm submits to Slurm instead.
@@ -79,21 +80,23 @@ bench-smoke: $(STAMP)
 	$(BIN)/python benchmarks/moe_layer.py --smoke --out runs/bench/moe_layer_smoke.json
 	$(BIN)/python benchmarks/e2e.py --smoke --backend native --out runs/bench/smoke
 
-MB_REF_SOFT = $(MAKE) --no-print-directory megablocks-reference || echo "make: preparing $(MB_REF) failed; the megablocks reference tests use the one already there, or skip"
+MB_REF_SOFT = test -f $(MB_REF)/.ready || echo "make: preparing the MegaBlocks reference kernels in $(MB_REF) (downloads MegaBlocks' sources and Triton from PyPI, once)"; \
+	$(MAKE) --no-print-directory megablocks-reference >/dev/null 2>&1 || echo "make: preparing $(MB_REF) failed (offline?): the megablocks reference tests use the one already there, or skip saying why"
 
+# Progress per test file (pytest's default output), the reasons for skips (-ra), the slowest.
 test: $(STAMP)
 	@$(MB_REF_SOFT)
-	$(BIN)/python -m pytest -q -ra --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -ra --durations=15 $(ARGS)
 
 test-unit: $(STAMP)
-	$(BIN)/python -m pytest -q -ra tests/unit $(ARGS)
+	$(BIN)/python -m pytest -ra tests/unit $(ARGS)
 
 test-distributed: $(STAMP)
 	@$(MB_REF_SOFT)
-	$(BIN)/python -m pytest -q -ra tests/distributed $(ARGS)
+	$(BIN)/python -m pytest -ra tests/distributed $(ARGS)
 
 test-gpu: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m gpu tests $(ARGS)
+	$(BIN)/python -m pytest -ra -m gpu tests $(ARGS)
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir runs

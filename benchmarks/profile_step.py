@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 stepper.backward(out.loss)
             with record_function("optimizer"):
                 stepper.finish()
+                stepper.update()
 
         def sync():
             if device.type == "cuda":

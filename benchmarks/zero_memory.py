@@ -57,6 +57,7 @@ def worker() -> None:
             stepper.begin(1e-3)
             stepper.backward(stepper.forward(tokens[:, :-1], tokens[:, 1:]).loss)
             stepper.finish()
+            stepper.update()
             sizes = torch.tensor([_state_bytes(stepper.optimizer)], dtype=torch.float64)
             gathered = [torch.zeros_like(sizes) for _ in range(env.world_size)]
             dist.all_gather(gathered, sizes)

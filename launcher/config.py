@@ -112,9 +112,7 @@ def load_config(argv: list[str]) -> JobConfig:
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        data = _read_yaml(Path(path))
         for section, values in data.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: section {section!r} must be a mapping")
@@ -123,6 +121,25 @@ def load_config(argv: list[str]) -> JobConfig:
     for dotted, raw in overrides:
         _set(job, dotted, raw, from_cli=True)
     return job
+
+
+def _read_yaml(path: Path) -> dict:
+    """The config file's sections; a file that is not YAML, or holds nothing, is refused."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {what}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    if data is None:
+        raise ConfigError(f"config file {path} is empty: give sections (model:, train:, ...) "
+                          "or leave out --config for every default")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, not {type(data).__name__}")
+    return data
 
 
 def _split_args(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
@@ -239,13 +256,14 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe_schema() -> str:
-    """Every key with its type, default and docstring: the text of `--help`."""
+def describe_schema(job: JobConfig | None = None) -> str:
+    """Every key with its type, default and docstring: the text of `--help`. With `job` (a
+    config file and overrides loaded), its values are shown as the defaults."""
     lines = []
     for f in dataclasses.fields(JobConfig):
         cls = f.default_factory
         lines.append(f"{f.name}:  {inspect.getdoc(cls).splitlines()[0]}")
-        defaults, docs = cls(), field_docs(cls)
+        defaults, docs = (getattr(job, f.name) if job else cls()), field_docs(cls)
         for name, hint in typing.get_type_hints(cls).items():
             type_name = getattr(hint, "__name__", str(hint).replace("typing.", ""))
             lines.append(f"  --{f.name}.{name}  ({type_name}, default {getattr(defaults, name)!r})")

@@ -320,3 +320,47 @@ def node_of(environ: Mapping[str, str] | None = None) -> int:
         if env.get(name, "").strip().isdigit():
             return int(env[name])
     return 0
+
+
+def set_cpu_threads(backend: str, env: DistEnv, environ: Mapping[str, str] | None = None) -> str:
+    """Intra-op threads per process when training on the CPU (gloo), so the ranks of a node
+    share its cores instead of each taking all of them: OMP_NUM_THREADS when set (torchrun
+    sets 1 for several processes per node), else the cores this process may use divided by
+    the processes on its node. Returns what was chosen, for the start-up report."""
+    environ = os.environ if environ is None else environ
+    if backend != "gloo":
+        return f"{torch.get_num_threads()} CPU threads per process"
+    if environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        return f"{torch.get_num_threads()} CPU threads per process (OMP_NUM_THREADS)"
+    threads = cpu_threads(env.local_world_size)
+    torch.set_num_threads(threads)
+    return (f"{threads} CPU threads per process ({_cores()} cores / {env.local_world_size} "
+            "processes on this node; OMP_NUM_THREADS overrides)")
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_threads(processes_per_node: int) -> int:
+    """The cores this process may use, shared by the processes of its node (at least 1)."""
+    return max(1, _cores() // max(1, processes_per_node))
+
+
+def start_heartbeat(env: DistEnv, timeout_s: float):
+    """Each rank's heartbeat in the rendezvous store (parallel/heartbeat.py), so a collective
+    failure can name the peer that stalled or died; None for a world of one."""
+    if not env.is_distributed:
+        return None
+    from parallel.heartbeat import Heartbeat, connect
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    try:
+        store = connect(env.master_addr, env.master_port, env.world_size,
+                        f"moe-train/attempt_{attempt}/", timeout_s)
+        return Heartbeat(store, env.rank, env.world_size)
+    except Exception as exc:  # noqa: BLE001 - training does not depend on it: say so, go on
+        if env.rank == 0:
+            print(f"warning: no heartbeat ({type(exc).__name__}: {exc}): a collective failure "
+                  "will name its group but not the silent peer", flush=True)
+        return None

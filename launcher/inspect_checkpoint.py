@@ -12,7 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from parallel.checkpoint_store import FORMAT, VERSION, CheckpointError, resolve
+import torch
+
+from checkpoint.errors import CheckpointError
+from checkpoint.reader import resolve
+from checkpoint.store import FORMAT, VERSION
 
 
 def _size(n: int) -> str:
@@ -57,8 +61,21 @@ def describe(path: str, show_tensors: bool = True) -> tuple[str, bool]:
     except CheckpointError as exc:
         lines.append(f"verification FAILED: {exc}")
         return "\n".join(lines), False
-    lines.append(f"verified: all {len(files)} files match their sha256 in the manifest")
+    bad = non_finite(ckpt)
+    if bad:
+        lines.append(f"verification FAILED: {len(bad)} of {len(ckpt.tensors)} tensors hold NaN "
+                     f"or inf, e.g. {', '.join(bad[:3])}")
+        return "\n".join(lines), False
+    lines.append(f"verified: all {len(files)} files match their sha256 in the manifest; every "
+                 "tensor is finite")
     return "\n".join(lines), True
+
+
+def non_finite(ckpt) -> list[str]:
+    """Tensors of the checkpoint that hold a NaN or an infinity (reads every one)."""
+    return [name for name, info in sorted(ckpt.tensors.items())
+            if not info["dtype"].startswith(("int", "uint", "bool"))
+            and not bool(torch.isfinite(ckpt.full(name)).all())]
 
 
 def _numel(shape) -> int:

@@ -9,9 +9,8 @@ as `srun torchrun --nnodes=N --node-rank=$SLURM_NODEID ...` does across machines
 that depends on the node (local rank, node rank, hosts, the rendezvous, rank order across
 nodes) runs as in a real job; only the network is a loopback. Every output line is prefixed
 with its node. SIGINT, SIGTERM and SIGUSR1 are forwarded to every agent (a simulated
-preemption). The exit code is 75 (trainer.signals.PREEMPTED_EXIT_CODE) when the job stopped
-on a signal with a checkpoint (rank 0 said "preempted:"), else the first non-zero agent exit
-code, else 0; torchrun itself reports a worker's 75 as a failure (1).
+preemption). Each agent is launcher.agent (torchrun returning its workers' exit code), and the
+job's exit code comes from theirs as from ranks' (launcher/exit_codes.py).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import subprocess
 import sys
 import threading
 
-from trainer.signals import PREEMPTED_EXIT_CODE
+from launcher.exit_codes import job_code
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -35,28 +34,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def signal_option() -> list[str]:
-    """torchrun's agent dies of SIGUSR1 (Slurm's preemption signal) unless told to handle it:
-    then it forwards it to the workers and waits 30 s. The option exists in recent torch."""
-    from torch.distributed.run import get_args_parser
-
-    if "--signals-to-handle" in get_args_parser()._option_string_actions:
-        return ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
-    return []
-
-
 def agent_command(node: int, nodes: int, nproc: int, port: int, max_restarts: int,
                   job_args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
+    return [sys.executable, "-m", "launcher.agent", f"--nnodes={nodes}",
             f"--node-rank={node}", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-            f"--master-port={port}", f"--max-restarts={max_restarts}", *signal_option(),
+            f"--master-port={port}", f"--max-restarts={max_restarts}",
             "-m", "launcher.train", *job_args]
 
 
-def _pump(node: int, stream, lock: threading.Lock, seen: set) -> None:
+def _pump(node: int, stream, lock: threading.Lock) -> None:
     for line in stream:
-        if line.startswith("preempted: "):
-            seen.add("preempted")
         with lock:
             sys.stdout.write(f"[node {node}] {line}")
             sys.stdout.flush()
@@ -77,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     print(f"simulating {args.nodes} nodes x {args.nproc_per_node} processes, rendezvous "
           f"127.0.0.1:{port}", flush=True)
-    lock, agents, pumps, seen = threading.Lock(), [], [], set()
+    lock, agents, pumps = threading.Lock(), [], []
     for node in range(args.nodes):
         cmd = agent_command(node, args.nodes, args.nproc_per_node, port, args.max_restarts, job_args)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         agents.append(proc)
-        pumps.append(threading.Thread(target=_pump, args=(node, proc.stdout, lock, seen), daemon=True))
+        pumps.append(threading.Thread(target=_pump, args=(node, proc.stdout, lock), daemon=True))
         pumps[-1].start()
 
     def forward(signum, frame):
@@ -99,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for pump in pumps:
         pump.join(timeout=5)
     print(f"agents exited with {codes}", flush=True)
-    if "preempted" in seen:
-        return PREEMPTED_EXIT_CODE
-    return next((c for c in codes if c), 0)
+    return job_code(codes)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,18 @@
 """Training entry point: `torchrun --nproc_per_node=4 -m launcher.train --config FILE [--a.b=v]`.
 
-Also `moe-train ...` (console script), `srun python -m launcher.train ...` (Slurm without
-torchrun) and plain `python -m launcher.train ...` (a world of one).
+Also `moe-run ...` (launcher/agent.py: torchrun's options, and the job's exit code), `moe-train
+...` (console script), `srun python -m launcher.train ...` (Slurm without torchrun) and plain
+`python -m launcher.train ...` (a world of one).
 
-Order matters: everything that can be wrong with the input (config keys and types, layout
-against WORLD_SIZE, data paths, the data itself) is checked on every rank BEFORE the process
-group exists, so a bad input exits with its message and code 2 on every rank, never a hang.
+Order matters:
+1. Everything that can be wrong with the input (config keys and types, layout against
+   WORLD_SIZE, data paths, the data itself, the checkpoint to load) is checked on every rank
+   BEFORE the process group exists: a bad input exits with its code on every rank, never a hang.
+2. The group exists; rank 0 locks the run dir (launcher/run_dir.py) before anything is written.
+3. The checkpoint to load is chosen together; a run that already reached train.steps stops
+   here, having written nothing.
+4. Only then the resolved config, the placement, and training.
+Exit codes: launcher/exit_codes.py.
 """
 
 from __future__ import annotations
@@ -14,10 +21,16 @@ import json
 import os
 import socket
 import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from checkpoint.load import load_weights
+from checkpoint.reader import Checkpoint
+from checkpoint.select import Found, choose, find_checkpoints
+from launcher import exit_codes
 from launcher.config import JobConfig, describe_schema, load_config
 from launcher.env import (
     DistEnv,
@@ -28,51 +41,43 @@ from launcher.env import (
     init_distributed,
     node_of,
     read_env,
+    set_cpu_threads,
     shutdown_distributed,
+    start_heartbeat,
 )
-from model.config import ARCHITECTURE
+from launcher.run_dir import claim
 from model.errors import ConfigError
 from model.transformer import TransformerLM
-from parallel.checkpoint import agree, load_weights
-from parallel.checkpoint_store import (
-    Checkpoint,
-    CheckpointError,
-    candidates,
-    resolve,
-    skipped_message,
-)
-from parallel.collectives import (
-    CollectiveError,
-    all_gather_object,
-    barrier,
-    broadcast_object,
-)
+from parallel.collectives import CollectiveError, all_gather_object, barrier
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.tensor_parallel import apply_tensor_parallel
-from parallel.topology import Topology
-from trainer.data import load_corpus, rank_data
+from parallel.topology import Layout, Topology
+from trainer.data import Corpus, RankData, load_corpus, rank_data
 from trainer.loop import Trainer
-from trainer.signals import PREEMPTED_EXIT_CODE, Preempted
-
-# A collective could not complete (a peer died or stalled past parallel.timeout_s).
-COLLECTIVE_FAILED_EXIT_CODE = 3
 
 USAGE = """usage: torchrun --nproc_per_node=N -m launcher.train [--config FILE] [--section.key=value ...]
 
 Every key below can be set in the YAML file (section: {key: value}) or overridden on the
-command line; later overrides win. Unknown keys are rejected.
+command line; later overrides win. Unknown keys are rejected. With --config, the defaults
+shown are that file's values.
 """
 
 
-# What fixes the order of the training samples (trainer/data.py): a resumed run must keep it.
-# (micro_batch_size, grad_accum and dp may change: the position is counted in samples.)
-DATA_ORDER = {"train": ("seq_len", "seed"),
-              "data": ("source", "path", "text_glob", "token_dtype", "holdout_fraction")}
+@dataclass
+class Prepared:
+    """What rank's checks of the input produced, before any collective."""
+
+    job: JobConfig
+    layout: Layout
+    backend: str
+    corpus: Corpus
+    data: RankData
+    found: Found
 
 
-def prepare(argv: list[str], env: DistEnv):
-    """All input checks, no collectives: config, layout, backend, run dir, data, and the
-    checkpoints to resume or start from (opened, and checked against the model config)."""
+def prepare(argv: list[str], env: DistEnv) -> Prepared:
+    """All input checks, no collectives: config, layout, backend, run dir, the checkpoint to
+    resume or start from (opened, and checked against the run), data."""
     job = load_config(argv)
     layout = job.validate(env.world_size)
     backend = choose_backend(job.parallel.backend)
@@ -81,100 +86,12 @@ def prepare(argv: list[str], env: DistEnv):
     check_moe_backend(job.moe.backend, backend)
     run_dir = Path(job.logging.run_dir)
     check_writable(run_dir)
-    ckpts = find_checkpoints(job, run_dir, env.rank == 0)
+    found = find_checkpoints(job, run_dir)
+    if job.checkpoint.resume and job.checkpoint.resume != "auto" and found.checkpoints:
+        check_steps(found.checkpoints[0], job)
     corpus = load_corpus(job.data)
     data = rank_data(corpus, job.train, job.model.vocab_size, layout.coords(env.rank)["dp"], layout.dp)
-    return job, layout, backend, corpus, data, ckpts
-
-
-def find_checkpoints(job: JobConfig, run_dir: Path, verbose: bool) -> list[Checkpoint]:
-    """The checkpoint named by checkpoint.resume or init_from, opened and checked against the
-    model config. For "auto": every committed checkpoint of the run dir that opens, newest
-    first; the job then checks their files' checksums together (choose_verified)."""
-    ck = job.checkpoint
-    spec = ck.resume or ck.init_from
-    if spec is None:
-        return []
-    if spec == "auto":
-        found, skipped = candidates(run_dir / "checkpoints")
-        if verbose:
-            for line in skipped:
-                print(line, flush=True)
-    else:
-        found = [resolve(spec, run_dir / "checkpoints")[0]]
-    if found:
-        check_fits(found[0], job)
-    return found
-
-
-def choose_verified(found: list[Checkpoint], job: JobConfig, env: DistEnv) -> Checkpoint | None:
-    """resume=auto: the newest of `found` whose every file matches its checksum. Each rank
-    hashes 1/world of the files and the verdicts are gathered, so the job reads a candidate
-    once in all, not once per rank (a 1,000-rank job would read it 1,000 times). Collective.
-
-    The ranks first agree on the candidates (each listed its own run dir in prepare()): one
-    collective per candidate needs the same list everywhere, and a run dir that is not shared
-    or a save landing between listings would make them differ."""
-    listed = [(str(c.path), c.step) for c in found]
-    first = _first(listed)  # once: a second broadcast on mismatching ranks only would hang
-    agree(None if listed == first else f"found checkpoints {listed}, rank 0 found {first} "
-          "(is the run dir on a shared file system?)", "choosing a checkpoint")
-    for ckpt in found:
-        problems = [p for share in all_gather_object(ckpt.check_share(env.rank, env.world_size))
-                    for p in share]
-        if not problems:
-            ckpt.trust()  # checked by the job: ranks do not hash the files again on load
-            check_fits(ckpt, job)  # an older one may not fit; every rank raises the same
-            return ckpt
-        if env.rank == 0:
-            print(skipped_message(ckpt.path, problems), flush=True)
-    if env.rank == 0:
-        print(f"checkpoint.resume=auto: no committed checkpoint in "
-              f"{Path(job.logging.run_dir) / 'checkpoints'}, starting at step 0", flush=True)
-    return None
-
-
-def _first_difference(saved: dict, job: JobConfig, fields: dict, default_ours: bool):
-    """(section.key, checkpoint's value, ours) for the first of `fields` that differ, or None.
-    A key the checkpoint lacks (older checkpoints did not record it) counts as ours with
-    `default_ours`, else as the field's default (which reproduces what came before it, e.g.
-    moe.shared_expert_hidden 0)."""
-    for section, keys in fields.items():
-        ours = getattr(job, section)
-        for key in keys:
-            missing = getattr(ours, key) if default_ours else getattr(type(ours), key, None)
-            theirs = saved.get(section, {}).get(key, missing)
-            if theirs != getattr(ours, key):
-                return f"{section}.{key}", theirs, getattr(ours, key)
-    return None
-
-
-def check_fits(ckpt: Checkpoint, job: JobConfig) -> None:
-    """The checkpoint's model must be this run's model; a resumed run must also read the same
-    data in the same order, or its saved data position (samples seen) would point elsewhere.
-    Raises on every rank alike (each reads the same metadata), before any collective."""
-    saved = ckpt.meta.get("config", {})
-    diff = _first_difference(saved, job, ARCHITECTURE, default_ours=False)
-    if diff:
-        raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run: {diff[0]} is "
-                              f"{diff[1]} in the checkpoint and {diff[2]} here")
-    theirs, ours = saved.get("moe", {}).get("bias_update_rate", 0.0), job.moe.bias_update_rate
-    if job.checkpoint.resume and (theirs > 0) != (ours > 0):
-        # The rate may change; the bias must not appear or vanish in a resumed run (init_from
-        # may: a new bias starts at zero, an unused one is reported by load_weights).
-        raise CheckpointError(
-            f"cannot resume from {ckpt.path}: moe.bias_update_rate is {theirs} in the checkpoint "
-            f"and {ours} here, so the routers' expert bias would "
-            + ("be dropped (its routing would change)" if theirs > 0 else "be missing from it")
-            + f"; --checkpoint.init_from={ckpt.path} starts from its weights instead")
-    diff = _first_difference(saved, job, DATA_ORDER, default_ours=True) if job.checkpoint.resume else None
-    if diff:
-        raise CheckpointError(
-            f"cannot resume from {ckpt.path}: {diff[0]} is {diff[1]} in the checkpoint and "
-            f"{diff[2]} here, which changes the order of the training samples, so its data "
-            f"position ({ckpt.meta.get('samples_seen')} samples seen) would not continue the "
-            f"run. Keep the value, or start from its weights with --checkpoint.init_from="
-            f"{ckpt.path} (fresh optimizer, step 0)")
+    return Prepared(job, layout, backend, corpus, data, found)
 
 
 def check_writable(run_dir: Path) -> None:
@@ -186,6 +103,16 @@ def check_writable(run_dir: Path) -> None:
         raise ConfigError(f"logging.run_dir ({run_dir}) cannot be created: {exc.strerror}") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise ConfigError(f"logging.run_dir ({run_dir}) is not writable")
+
+
+def check_steps(ckpt: Checkpoint, job: JobConfig) -> None:
+    """A resumed run must end at or after the step it resumes from."""
+    if ckpt.step > job.train.steps:
+        raise ConfigError(
+            f"train.steps ({job.train.steps}) is below the step of the checkpoint to resume, "
+            f"{ckpt.path} ({ckpt.step}): a resumed run continues to train.steps. Set "
+            f"--train.steps={ckpt.step} or more (the cosine schedule is a function of it), or "
+            f"start from its weights with --checkpoint.init_from={ckpt.path}")
 
 
 def build_model(job: JobConfig, topology: Topology, device: torch.device,
@@ -207,52 +134,71 @@ def build_model(job: JobConfig, topology: Topology, device: torch.device,
 
 def run(argv: list[str]) -> dict:
     env = read_env()
-    job, layout, backend, corpus, data, ckpts = prepare(argv, env)
+    p = prepare(argv, env)
+    job, run_dir = p.job, Path(p.job.logging.run_dir)
+    threads = set_cpu_threads(p.backend, env)
     if job.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    run_dir = Path(job.logging.run_dir)
-    if env.rank == 0:
-        (run_dir / "config.yaml").write_text(job.to_yaml())
-        print(f"resolved config (saved to {run_dir / 'config.yaml'}):\n{job.to_yaml()}")
-        print(f"launch: {env.launcher}, backend {backend}, {corpus.description}")
-    init_distributed(env, backend, job.parallel.timeout_s)
+    init_distributed(env, p.backend, job.parallel.timeout_s)
+    heartbeat = start_heartbeat(env, job.parallel.timeout_s)
+    lock = None
     try:
-        topology = Topology.create(layout, job.parallel.timeout_s)
-        report_placement(env, run_dir)
+        topology = Topology.create(p.layout, job.parallel.timeout_s)
+        lock = claim(run_dir, env.rank, bool(job.checkpoint.resume), job.logging.start_over)
+        ckpt = choose(p.found, job, env.rank, env.world_size)
+        if job.checkpoint.resume and ckpt is not None:
+            check_steps(ckpt, job)
+            if ckpt.step == job.train.steps:
+                if env.rank == 0:
+                    print(f"run {run_dir} already reached train.steps ({job.train.steps}): its "
+                          f"checkpoint {ckpt.path} is final; nothing to do", flush=True)
+                return {"steps": ckpt.step, "steps_run": 0, "finished_before": True}
         if env.rank == 0:
+            (run_dir / "config.yaml").write_text(job.to_yaml())
+            print(f"resolved config (saved to {run_dir / 'config.yaml'}):\n{job.to_yaml()}")
+            print(f"launch: {env.launcher}, backend {p.backend}, {threads}; {p.corpus.description}")
             print(f"topology: {topology.describe()}")
-        device = device_for(backend, env.local_rank)
-        auto = (job.checkpoint.resume or job.checkpoint.init_from) == "auto"
-        ckpt = choose_verified(ckpts, job, env) if auto else (ckpts[0] if ckpts else None)
-        found = (str(ckpt.path), ckpt.step) if ckpt else None
-        first = _first(found)  # once: a second broadcast on mismatching ranks only would hang
-        agree(None if found == first else f"chose checkpoint {found}, rank 0 chose {first} "
-              "(is the run dir on a shared file system?)", "choosing a checkpoint")
-        resume = ckpt if job.checkpoint.resume else None
+        report_placement(env, run_dir)
+        device = device_for(p.backend, env.local_rank)
         model = build_model(job, topology, device, ckpt if job.checkpoint.init_from else None)
         if env.rank == 0 and job.checkpoint.init_from:
             print(f"weights from {ckpt.path} (step {ckpt.step}); optimizer and step start fresh")
-        trainer = Trainer(job, model, topology, device, data, env.local_rank)
+        trainer = Trainer(job, model, topology, device, p.data, env.local_rank)
         if env.rank == 0:
-            compiled = ", torch.compile on the dense parts" if job.train.compile else ""
+            compiled = ", torch.compile per module" if job.train.compile else ""
             recompute = (f", recompute {job.train.recompute} in backward"
                          if job.train.recompute != "none" else "")
             print(f"device: {device}, compute {trainer.precision_label()}{compiled}{recompute}")
-        if resume is not None:
-            trainer.resume(resume)
+        if job.checkpoint.resume and ckpt is not None:
+            trainer.resume(ckpt)
         summary = trainer.fit()
         if env.rank == 0:
-            mfu = f", MFU {summary['mfu']:.3f}" if summary["mfu"] is not None else ""
-            print(f"done: {summary['steps']} steps in {summary['elapsed_s']:.1f}s, "
-                  f"final eval loss {summary['final_eval_loss']:.4f}, "
-                  f"{summary['tokens_per_s']:.0f} tokens/s overall, "
-                  f"{summary['train_tokens_per_s'] or 0:.0f} in steady training steps{mfu}, "
-                  f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB "
-                  f"({summary['peak_memory_kind']}, busiest rank); run dir {run_dir}")
+            print(done_message(summary, run_dir), flush=True)
         barrier()  # nobody tears the group down while a peer is still in a collective
         return summary
+    except CollectiveError as exc:
+        silent = heartbeat.silent_ranks() if heartbeat else None
+        raise CollectiveError(f"{exc}\n{silent}" if silent else str(exc)) from None
     finally:
+        if heartbeat:
+            heartbeat.stop()
+        if lock is not None:
+            lock.release()
         shutdown_distributed()
+
+
+def done_message(summary: dict, run_dir: Path) -> str:
+    ran = summary["steps_run"]
+    where = (f"{ran} steps (step {summary['start_step']} -> {summary['steps']})"
+             if summary["start_step"] else f"{ran} steps")
+    loss = summary["final_eval_loss"]
+    mfu = f", MFU {summary['mfu']:.3f}" if summary.get("mfu") is not None else ""
+    skipped = f", {len(summary['skipped_steps'])} non-finite steps skipped" if summary["skipped_steps"] else ""
+    return (f"done: {where} in {summary['elapsed_s']:.1f}s, final eval loss "
+            f"{'-' if loss is None else f'{loss:.4f}'}, {summary['tokens_per_s']:.0f} tokens/s "
+            f"overall, {summary['train_tokens_per_s'] or 0:.0f} in steady training steps{mfu}, "
+            f"peak memory {summary['peak_memory_bytes'] / 2**20:.0f} MiB "
+            f"({summary['peak_memory_kind']}, busiest rank){skipped}; run dir {run_dir}")
 
 
 def report_placement(env: DistEnv, run_dir: Path) -> None:
@@ -269,31 +215,45 @@ def report_placement(env: DistEnv, run_dir: Path) -> None:
         (run_dir / "placement.json").write_text(json.dumps(everyone, indent=1))
 
 
-def _first(value):
-    """Rank 0's value, on every rank. Collective."""
-    return broadcast_object(value, src=0)
+def report(rank: int, code: int, exc: BaseException) -> str:
+    """Print how the run ended; returns the message for the exit record. Input errors are
+    the same on every rank: rank 0 says them once, and the other ranks only when no launcher
+    collects the exit records (it then shows the ones that differ)."""
+    message = f"{type(exc).__name__}: {exc}" if code == exit_codes.UNEXPECTED else str(exc)
+    quiet = rank != 0 and os.environ.get(exit_codes.EXIT_DIR_ENV)
+    if code == exit_codes.UNEXPECTED:
+        traceback.print_exc()
+    elif code in (exit_codes.PREEMPTED, exit_codes.INTERRUPTED):
+        if rank == 0:
+            print(f"{exit_codes.MEANING[code]}: {exc}; exit code {code} (then "
+                  "--checkpoint.resume=auto continues)", flush=True)
+    elif not quiet:
+        prefix = "" if rank == 0 else f"[rank {rank}] "
+        print(f"{prefix}{exit_codes.MEANING[code]}: {message} (exit code {code})", file=sys.stderr, flush=True)
+    return message
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE + "\n" + describe_schema())
-        return 0
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+        try:
+            job = load_config([a for a in argv if a not in ("-h", "--help")])
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return exit_codes.CONFIG
+        print(USAGE + "\n" + describe_schema(job))
+        return exit_codes.OK
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    code, message = exit_codes.OK, None
     try:
         run(argv)
-    except ConfigError as exc:
-        print(f"[rank {rank}] config error: {exc}", file=sys.stderr)
-        return 2
-    except CollectiveError as exc:
-        print(f"[rank {rank}] {exc}", file=sys.stderr, flush=True)
-        return COLLECTIVE_FAILED_EXIT_CODE
-    except Preempted as exc:
-        if rank == "0":
-            print(f"preempted: {exc}; exit code {PREEMPTED_EXIT_CODE} (requeue, then "
-                  "--checkpoint.resume=auto continues)", flush=True)
-        return PREEMPTED_EXIT_CODE
-    return 0
+    except BaseException as exc:  # noqa: BLE001 - every ending gets its code and its record
+        code = exit_codes.code_for(exc)
+        if isinstance(exc, KeyboardInterrupt):
+            code, exc = exit_codes.INTERRUPTED, KeyboardInterrupt("interrupted before training started")
+        message = report(rank, code, exc)
+    exit_codes.write_record(rank, code, message)
+    return code
 
 
 if __name__ == "__main__":

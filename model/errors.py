@@ -1,7 +1,9 @@
-"""The one exception type for configurations that cannot work, and its small checks.
+"""The exception types for input that cannot work (a config, the data), and small checks.
 
-It lives in model/, the bottom of the dependency order (launcher -> trainer -> parallel ->
-model), so every config section can raise it without importing the launcher.
+They live in model/, the bottom of the dependency order (launcher -> trainer -> checkpoint ->
+parallel -> model), so every config section and the data loaders can raise them without
+importing the launcher. Both are refused before any collective, on every rank alike; they
+have their own exit codes (launcher/exit_codes.py).
 """
 
 from __future__ import annotations
@@ -9,6 +11,11 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """A configuration that cannot work; the message names the offending values."""
+
+
+class DataError(ConfigError):
+    """Training data that cannot be used: unreadable, too small for the layout, token ids
+    outside the vocabulary, or changed since the checkpoint a run resumes."""
 
 
 def check_positive(name: str, value: int) -> None:

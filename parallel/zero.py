@@ -125,7 +125,7 @@ class ZeroStepper:
             split_params_into_different_moe_groups_for_optimizer,
         )
 
-        self.topology = topology
+        self.topology, self.zero_stage = topology, stage
         self.what = (f"DeepSpeed ZeRO-{stage} backward and step (gradients reduced over dp, "
                      "experts' over edp)")
         group_name = register_groups(model, topology)
@@ -159,15 +159,10 @@ class ZeroStepper:
             self.engine.step()  # updates only at the accumulation boundary
 
     def finish(self) -> torch.Tensor:
+        """The global gradient norm of the step the engine took at the accumulation boundary
+        (inf when it found the gradients non-finite: then it skipped the step)."""
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(norm if norm is not None else float("nan"), dtype=torch.float32)
 
-    def export_state(self, params, topology: Topology):
-        from parallel.zero_state import export_state
-
-        return export_state(self.optimizer, params, topology)
-
-    def stage_state(self, ckpt, params, topology: Topology) -> list:
-        from parallel.zero_state import stage_state
-
-        return stage_state(self.optimizer, ckpt, params)
+    def update(self) -> None:
+        """Nothing: the engine updated (or skipped a non-finite step) in backward."""

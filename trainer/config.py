@@ -38,6 +38,11 @@ class TrainConfig:
     """AdamW beta2."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    max_nonfinite_steps: int = 0
+    """Steps with a non-finite loss (on any rank) or gradient norm that may be skipped before
+    the run stops with exit code 6: a skipped step's update is not applied (parameters,
+    optimizer state and expert bias stay as they were), its batch is passed over and it
+    counts as a step. 0 = stop at the first. Nothing non-finite is ever saved."""
     seed: int = 1234
     """Seed of the weights and the data order (the same on every rank)."""
     eval_interval: int = 100
@@ -71,7 +76,7 @@ class TrainConfig:
             raise ConfigError(f"train.lr ({self.lr}) must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio ({self.min_lr_ratio}) must be in [0, 1]")
-        for name in ("warmup_steps", "eval_interval"):
+        for name in ("warmup_steps", "eval_interval", "max_nonfinite_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} ({getattr(self, name)}) must be >= 0")
         if self.weight_decay < 0 or self.grad_clip < 0:
@@ -119,7 +124,7 @@ class DataConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Sharded, reshardable checkpoints in <run_dir>/checkpoints (see parallel/checkpoint.py)."""
+    """Sharded, reshardable checkpoints in <run_dir>/checkpoints (see checkpoint/)."""
 
     interval: int = 0
     """Save every this many steps; 0 = only at the end."""
@@ -155,7 +160,13 @@ class LoggingConfig:
     """Run directory, progress bar, TensorBoard."""
 
     run_dir: str = "runs/default"
-    """Directory for the resolved config, TensorBoard events and checkpoints."""
+    """Directory for the resolved config, TensorBoard events and checkpoints. One job at a
+    time (a lock), and one run: a run dir that holds one is refused unless the run is
+    resumed (checkpoint.resume) or logging.start_over is set."""
+    start_over: bool = False
+    """Start a new run in a run dir that holds one (committed checkpoints, summary.json or
+    TensorBoard events): its files first move to <run_dir>/previous_<time>/, nothing is
+    deleted."""
     log_interval: int = 10
     """Write scalars (and refresh the progress bar's numbers) every this many steps."""
     heatmap_interval: int = 50

@@ -10,6 +10,7 @@ part is a Stepper (trainer/optim.py): our own at zero_stage 0, DeepSpeed's ZeRO 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -20,27 +21,27 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model.flops import model_cost
-from parallel.checkpoint import load_checkpoint, save_checkpoint
-from parallel.checkpoint_store import Checkpoint
+from checkpoint.errors import StorageError, write_failure
+from checkpoint.load import load_checkpoint
+from checkpoint.reader import Checkpoint
+from checkpoint.save import save_checkpoint
 from parallel.collectives import all_reduce
+from parallel.faults import fault_point
 from parallel.topology import Topology
 from trainer.data import RankData
+from trainer.heatmap import write_load_heatmap
 from trainer.metrics import (
     MetricsWriter,
     StepTimer,
     Throughput,
     expert_load_stats,
-    load_heatmap,
     peak_flops,
     peak_memory,
 )
 from trainer.optim import build_stepper, compute_dtype, lr_at, uses_autocast
-from trainer.signals import Preempted, StopSignals
-
-# Fault injection for the tests: "RANK@STEP" makes that rank exit abruptly (code 13) after
-# that step, in a job's first attempt only (torchrun's TORCHELASTIC_RESTART_COUNT 0 or unset).
-CRASH_AT_ENV = "MOE_TEST_CRASH_RANK_AT_STEP"
-
+from trainer.divergence import Diverged, StepCheck, check_step
+from trainer.divergence import describe as describe_divergence
+from trainer.signals import INTERRUPT, Interrupted, Preempted, StopSignals
 
 @dataclass
 class _Window:
@@ -55,6 +56,7 @@ class _Window:
     entropy_L: torch.Tensor | int = 0
     counts_LE: torch.Tensor | int = 0
     dropped_L: torch.Tensor | int = 0
+    norm: torch.Tensor | float = float("nan")  # the last applied step's gradient norm
 
     def add(self, out, accum: int) -> None:
         losses = torch.stack([out.lm_loss, out.aux_loss, out.z_loss]).detach()
@@ -62,6 +64,15 @@ class _Window:
         self.entropy_L = self.entropy_L + out.router_entropy_L.detach() / accum
         self.counts_LE = self.counts_LE + out.expert_counts_LE.detach()
         self.dropped_L = self.dropped_L + out.dropped_slots_L.detach()
+
+    def merge(self, step: _Window, norm: torch.Tensor) -> None:
+        """Add one applied step's sums (a skipped, non-finite step is left out)."""
+        self.steps += 1
+        self.norm = norm
+        self.losses = self.losses + step.losses
+        self.entropy_L = self.entropy_L + step.entropy_L
+        self.counts_LE = self.counts_LE + step.counts_LE
+        self.dropped_L = self.dropped_L + step.dropped_L
 
 
 class Trainer:
@@ -88,6 +99,7 @@ class Trainer:
         self.last_saved_step: int | None = None
         self.last_heatmap = 0
         self.history: list[dict] = []  # eval losses
+        self.skipped: list[dict] = []  # non-finite steps skipped (train.max_nonfinite_steps)
         self.train_history: list[dict] = []  # train loss at every log step
 
     def autocast(self):
@@ -99,29 +111,46 @@ class Trainer:
             return "fp32"
         return "bf16 (autocast, fp32 weights)" if self.autocast_bf16 else "bf16 (DeepSpeed, fp32 master)"
 
-    def train_step(self, window: _Window) -> torch.Tensor:
-        """One optimizer step; returns the global gradient norm before clipping."""
+    def train_step(self, window: _Window, stop_flag: int = 0) -> StepCheck:
+        """One optimizer step, applied only if its loss and gradient norm are finite on every
+        rank; `stop_flag` (trainer.signals) is reduced over the world with that check.
+        Returns the check; the step counts either way."""
         self.model.train()
         self.stepper.begin(lr_at(self.step, self.cfg))
-        counts_LE, bias_rate = 0, self.job.moe.bias_update_rate
+        counts_LE, bias_rate, step_window = 0, self.job.moe.bias_update_rate, _Window()
+        loss = torch.zeros((), device=self.device)
         for micro in range(self.cfg.grad_accum):
             x, y = self.sampler.batch_at(self.samples_seen + micro * self.samples_per_micro)
             with self.autocast():
                 out = self.stepper.forward(x.to(self.device), y.to(self.device))
             self.stepper.backward(out.loss)
-            window.add(out, self.cfg.grad_accum)
+            fault_point("train.grads_ready", rank=self.topology.rank, step=self.step + 1,
+                        model=self.model, micro=micro)
+            loss += out.loss.detach()
+            step_window.add(out, self.cfg.grad_accum)
             if bias_rate:
                 counts_LE = counts_LE + out.expert_counts_LE.detach()
         norm = self.stepper.finish()
-        if bias_rate:
-            # The global batch's load: tp partners route the same tokens, so the dp group has
-            # every token once. On the device, no host synchronisation.
-            counts_LE = counts_LE.to(self.device)
-            all_reduce(counts_LE, self.topology.groups["dp"])
-            self.model.update_expert_bias(counts_LE, bias_rate)
+        check = check_step(loss, norm, stop_flag)
+        if check.finite:
+            self.stepper.update()
+            window.merge(step_window, norm)
+            if bias_rate:
+                # The global batch's load: tp partners route the same tokens, so the dp group
+                # has every token once. On the device, no host synchronisation.
+                counts_LE = counts_LE.to(self.device)
+                all_reduce(counts_LE, self.topology.groups["dp"])
+                self.model.update_expert_bias(counts_LE, bias_rate)
+        else:
+            what = describe_divergence(check, self.step + 1, loss, norm)
+            self.skipped.append({"step": self.step + 1, "what": what})
+            if len(self.skipped) > self.cfg.max_nonfinite_steps:
+                raise Diverged(what)
+            if self.is_main:
+                print(f"warning: {what}: the step is skipped ({len(self.skipped)} of "
+                      f"train.max_nonfinite_steps={self.cfg.max_nonfinite_steps})", flush=True)
         self.step += 1
-        window.steps += 1
-        return norm
+        return check
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -135,14 +164,15 @@ class Trainer:
         all_reduce(total, self.topology.groups["dp"])
         return total.item() / self.topology.size("dp")
 
-    def _log(self, window: _Window, norm: torch.Tensor, rate: float) -> dict:
+    def _log(self, window: _Window, throughput: Throughput) -> dict:
         """Reduce the window over dp and write scalars; returns them. Collective."""
+        rate = throughput.rate()
         dp_group, dp = self.topology.groups["dp"], self.topology.size("dp")
         losses = (window.losses / window.steps).to(self.device)
         all_reduce(losses, dp_group)
         lm, aux, z = (losses / dp).tolist()
         scalars = {"train/loss": lm, "train/aux_loss": aux, "train/z_loss": z,
-                   "train/lr": self.stepper.optimizer.param_groups[0]["lr"], "train/grad_norm": float(norm),
+                   "train/lr": self.stepper.optimizer.param_groups[0]["lr"], "train/grad_norm": float(window.norm),
                    "train/tokens_per_s": rate}
         if self.peak_flops:
             scalars["train/mfu"] = self.mfu(rate)
@@ -160,7 +190,11 @@ class Trainer:
                     scalars[f"moe/layer{i}/expert_bias_spread"] = float(bias.max() - bias.min())
             heat_every = self.job.logging.heatmap_interval
             if heat_every and (self.step - self.last_heatmap >= heat_every or self.step == self.cfg.steps):
-                self.metrics.image("moe/expert_load", load_heatmap(counts), self.step)
+                if self.is_main and self.metrics.failure is None:  # rank 0 draws, out of tokens/s
+                    blocks = [i for i in range(self.job.model.n_layers) if self.job.moe.is_moe_layer(i)]
+                    with throughput.excluded(), self.metrics.guarded("drawing the expert-load heatmap"):
+                        write_load_heatmap(self.metrics, self.run_dir, counts, self.step,
+                                           window.steps, blocks)
                 self.last_heatmap = self.step
         self.metrics.scalars(self.step, scalars)
         return scalars
@@ -201,7 +235,7 @@ class Trainer:
                 "layout": vars(self.topology.layout), "zero_stage": self.job.parallel.zero_stage,
                 "moe_backend": self.job.moe.backend, "config": self.job.to_dict()}
         path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.stepper,
-                               self.topology, meta, self.job.checkpoint.keep_last)
+                               self.topology, meta, self.job.checkpoint.keep_last, self.resumed_from)
         self.last_saved_step = self.step
         return path
 
@@ -222,15 +256,12 @@ class Trainer:
                   f"RNG {rng}", flush=True)
         return meta
 
-    def _maybe_crash(self) -> None:
-        if (os.environ.get(CRASH_AT_ENV) == f"{self.topology.rank}@{self.step}"
-                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
-            os._exit(13)
-
     def fit(self) -> dict:
-        """Train to cfg.steps. On SIGTERM/SIGUSR1 to any rank, every rank stops at the same
-        step, saves a checkpoint and raises Preempted (after writing summary.json)."""
-        signals = StopSignals(self.device)
+        """Train to cfg.steps. On SIGTERM/SIGUSR1 (or SIGINT) to any rank, every rank stops at
+        the same step, saves a checkpoint and raises Preempted (Interrupted) after writing
+        summary.json. A non-finite step beyond train.max_nonfinite_steps raises Diverged with
+        nothing saved: the last checkpoint is the last finite state."""
+        signals = StopSignals()
         try:  # the handlers stay until the final checkpoint is written: they only set a flag
             return self._fit(signals)
         finally:
@@ -241,11 +272,11 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, dynamic_ncols=True,
                    disable=not (self.is_main and log_cfg.progress), desc="train", unit="step")
         throughput, window, timer = Throughput(), _Window(), StepTimer()
-        start, eval_loss, scalars, stopped = time.perf_counter(), float("nan"), {}, None
+        start, eval_loss, scalars, stop, diverged = time.perf_counter(), None, {}, 0, None
         try:
             while self.step < cfg.steps:
                 began = time.perf_counter()
-                norm = self.train_step(window)
+                stop = self.train_step(window, signals.flag).stop
                 # On a GPU the step is only queued by now: wait for it, or the step time (and
                 # the MFU made from it) would count the launches, not the work.
                 if self.device.type == "cuda":
@@ -254,8 +285,8 @@ class Trainer:
                 throughput.update(self.tokens_per_step)
                 bar.update(1)
                 last = self.step == cfg.steps
-                if self.step % log_cfg.log_interval == 0 or last:
-                    scalars = self._log(window, norm, throughput.rate())
+                if (self.step % log_cfg.log_interval == 0 or last) and window.steps:
+                    scalars = self._log(window, throughput)
                     entry = {"step": self.step, "loss": scalars["train/loss"]}
                     if "moe/max_over_mean" in scalars:  # the window's load imbalance
                         entry["max_over_mean"] = scalars["moe/max_over_mean"]
@@ -272,27 +303,61 @@ class Trainer:
                             bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
                     if ck.interval and self.step % ck.interval == 0 and not (last and ck.save_final):
                         self.save()
-                self._maybe_crash()
-                if not last and signals.should_stop():
-                    stopped = f"{signals.received or 'another rank'}'s stop signal at step {self.step}"
+                fault_point("train.step_done", rank=self.topology.rank, step=self.step)
+                if stop and not last:
                     break
+        except Diverged as exc:
+            diverged = str(exc)
         finally:
             bar.close()
         elapsed = time.perf_counter() - start
-        summary = {"steps": self.step, "final_eval_loss": eval_loss,
+        summary = {"steps": self.step, "start_step": self.origin_step,
+                   "steps_run": self.step - self.origin_step, "final_eval_loss": eval_loss,
                    "final_train_loss": scalars.get("train/loss"), "elapsed_s": elapsed,
                    "tokens_per_s": (self.step - self.origin_step) * self.tokens_per_step / elapsed,
-                   "evals": self.history, "train": self.train_history} | self._performance(timer)
-        if (ck.save_final or stopped) and self.step > (self.last_saved_step or 0):
+                   "evals": self.history, "train": self.train_history,
+                   "skipped_steps": self.skipped} | self._performance(timer)
+        stopped = None if diverged or not stop or self.step == cfg.steps else (
+            f"{signals.received or 'another rank'}'s stop signal at step {self.step}")
+        if not diverged and (ck.save_final or stopped) and self.step > (self.last_saved_step or 0):
             saving = time.perf_counter()
             summary["checkpoint"] = str(self.save())
             summary["save_s"] = time.perf_counter() - saving
         if stopped:
             summary["stopped"] = stopped
+        if diverged:
+            summary["diverged"] = diverged
+            summary["last_checkpoint"] = self.last_saved_step
         if self.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_summary(self.run_dir / "summary.json", summary)
         self.metrics.close()
+        if diverged:
+            where = (f"the last checkpoint, of step {self.last_saved_step}, is from before it"
+                     if self.last_saved_step else "no checkpoint was saved")
+            raise Diverged(f"{diverged}; {where}")
         if stopped:
-            raise Preempted(f"stopped on {stopped}; checkpoint of step {self.last_saved_step} saved "
-                            f"({summary.get('save_s', 0.0):.1f} s)")
+            kind = Interrupted if stop == INTERRUPT else Preempted
+            raise kind(f"stopped on {stopped}; checkpoint of step {self.last_saved_step} saved "
+                       f"({summary.get('save_s', 0.0):.1f} s)")
         return summary
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    """summary.json as strict JSON (a non-finite number becomes null), written atomically."""
+    text = json.dumps(_finite(summary), indent=2, allow_nan=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StorageError(write_failure(path, exc)) from None
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

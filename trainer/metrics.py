@@ -1,4 +1,6 @@
-"""Training metrics: MoE expert-load statistics, a load heatmap, TensorBoard output, throughput.
+"""Training metrics: MoE expert-load statistics, TensorBoard output, throughput.
+
+The layers x experts load heatmap is drawn in trainer/heatmap.py.
 
 Nothing here talks to torch.distributed: the trainer reduces counts across ranks first and
 only rank 0 writes (other ranks get a disabled ``MetricsWriter`` whose methods are no-ops).
@@ -7,6 +9,7 @@ Shape suffixes: ``L`` = MoE layers, ``E`` = experts per layer.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -15,31 +18,17 @@ from typing import Any
 
 import torch
 
-# Viridis sampled at 0, 1/8, ..., 1 (matplotlib's values). Viridis is perceptually uniform and
-# its luminance rises monotonically, so "brighter" always means "more load", also in greyscale.
-_VIRIDIS_K3 = torch.tensor(
-    [
-        [68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
-        [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37],
-    ],
-    dtype=torch.float64,
-)
-_GRID_RGB = (0, 0, 0)
+from checkpoint.errors import write_failure
 
 
-def _check_counts(counts_LE: torch.Tensor) -> torch.Tensor:
+def check_counts(counts_LE: torch.Tensor) -> torch.Tensor:
+    """The counts as float64 on the CPU, after checking they are a 2-D non-negative grid."""
     if counts_LE.ndim != 2:
         raise ValueError(f"counts_LE must be 2-D (layers, experts), got shape {tuple(counts_LE.shape)}")
     counts = counts_LE.detach().to("cpu", torch.float64)
     if bool((counts < 0).any()):
         raise ValueError("counts_LE must be non-negative token counts")
     return counts
-
-
-def _layer_shares(counts_LE: torch.Tensor) -> torch.Tensor:
-    """Each expert's fraction of its layer's token-slots; 0 (not NaN) for a layer with no tokens."""
-    total_L1 = counts_LE.sum(dim=1, keepdim=True)
-    return torch.where(total_L1 > 0, counts_LE / total_L1.clamp_min(1e-30), torch.zeros_like(counts_LE))
 
 
 def expert_load_stats(counts_LE: torch.Tensor, entropy_L: torch.Tensor | None = None,
@@ -58,7 +47,7 @@ def expert_load_stats(counts_LE: torch.Tensor, entropy_L: torch.Tensor | None = 
     """
     if counts_LE.numel() == 0:
         return {}
-    counts = _check_counts(counts_LE)
+    counts = check_counts(counts_LE)
     num_layers, num_experts = counts.shape
     total_L = counts.sum(dim=1)
     max_L = counts.max(dim=1).values
@@ -98,101 +87,103 @@ def expert_load_stats(counts_LE: torch.Tensor, entropy_L: torch.Tensor | None = 
     return out
 
 
-def _colormap(values: torch.Tensor) -> torch.Tensor:
-    """Map values in [0, 1] (any shape S) to RGB floats in [0, 255], shape S + (3,)."""
-    pos = values.clamp(0.0, 1.0) * (len(_VIRIDIS_K3) - 1)
-    lo = pos.floor().long().clamp(max=len(_VIRIDIS_K3) - 2)
-    frac = (pos - lo).unsqueeze(-1)
-    return _VIRIDIS_K3[lo] * (1 - frac) + _VIRIDIS_K3[lo + 1] * frac
-
-
-def load_heatmap(counts_LE: torch.Tensor, cell: int = 16, grid: bool = True) -> torch.Tensor:
-    """Expert-load heatmap as a uint8 RGB image (3, H, W) for ``add_image(..., dataformats="CHW")``.
-
-    Rows are MoE layers (layer 0 on top), columns are experts. Colour scale (viridis, dark
-    purple -> teal -> bright yellow) encodes each expert's share of its layer's token-slots,
-    relative to the uniform share 1/E:
-
-    * dark purple  = 0 (expert idle),
-    * teal (the middle of the scale) = exactly 1/E (perfectly balanced),
-    * bright yellow = 2/E or more (clamped; the expert is at least twice overloaded).
-
-    A layer with no tokens is drawn all dark purple. Scaling by 1/E rather than by the maximum
-    keeps colours comparable across steps and layers. Each cell is ``cell x cell`` pixels;
-    with ``grid`` a 1-pixel black line separates cells, so H = L*cell + (L-1) and
-    W = E*cell + (E-1); without it H = L*cell, W = E*cell.
-    """
-    if cell < 1:
-        raise ValueError(f"cell must be >= 1, got {cell}")
-    counts = _check_counts(counts_LE)
-    num_layers, num_experts = counts.shape
-    if num_layers == 0 or num_experts == 0:
-        return torch.zeros(3, 0, 0, dtype=torch.uint8)
-    value_LE = _layer_shares(counts) * num_experts / 2.0  # 1/E -> 0.5, 2/E -> 1.0
-    rgb_LE3 = _colormap(value_LE).round().to(torch.uint8)
-    pitch = cell + 1 if grid else cell
-    # Nearest-neighbour upscale: every pixel of a cell repeats the cell's colour.
-    tiles = rgb_LE3[:, None, :, None, :].expand(num_layers, pitch, num_experts, pitch, 3).clone()
-    if grid:
-        grid_rgb = torch.tensor(_GRID_RGB, dtype=torch.uint8)
-        tiles[:, cell] = grid_rgb
-        tiles[:, :, :, cell] = grid_rgb
-    img_HW3 = tiles.reshape(num_layers * pitch, num_experts * pitch, 3)
-    if grid:  # drop the trailing line after the last row/column
-        img_HW3 = img_HW3[:-1, :-1]
-    return img_HW3.permute(2, 0, 1).contiguous()
-
-
 class MetricsWriter:
-    """TensorBoard writer that only exists where it should.
+    """TensorBoard writer that only exists where it should, and never stops training.
 
     Every rank can call it unconditionally; pass ``enabled=(rank == 0)`` so one process writes.
     The ``SummaryWriter`` (and the tensorboard import) is created on first use, so disabled
     ranks and runs that never log pay nothing and leave no empty event files behind.
-    Events go to ``<run_dir>/tensorboard``.
+    Events go to ``<run_dir>/tensorboard``. A failure to write (a full disk, a run dir turned
+    read-only, a broken writer thread) is reported once, naming the path and the cause, and
+    turns the writer off: the checkpoints, not the event files, are what a run must keep.
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool) -> None:
         self.log_dir = Path(run_dir) / "tensorboard"
         self.enabled = bool(enabled)
+        self.failure: str | None = None
         self._writer: Any = None
+
+    @contextmanager
+    def guarded(self, what: str):
+        """Run a write of `what`; if it fails, say so once and turn the writer off."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - metrics must not end a run
+            self.enabled = False
+            self.failure = f"{what}: {write_failure(self.log_dir, exc)}"
+            print(f"warning: {self.failure}; TensorBoard and heatmaps are off for the rest of "
+                  "the run", flush=True)
+            self._abandon()
 
     def _get(self) -> Any:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_writer_threads()
             self._writer = SummaryWriter(log_dir=str(self.log_dir))
         return self._writer
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if not self.enabled:
             return
-        writer = self._get()
-        for tag, value in values.items():
-            writer.add_scalar(tag, float(value), global_step=step)
+        with self.guarded("writing TensorBoard scalars"):
+            writer = self._get()
+            for tag, value in values.items():
+                writer.add_scalar(tag, float(value), global_step=step)
 
     def image(self, tag: str, img_CHW: torch.Tensor, step: int) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        with self.guarded("writing a TensorBoard image"):
             self._get().add_image(tag, img_CHW, global_step=step, dataformats="CHW")
 
     def text(self, tag: str, text: str, step: int) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        with self.guarded("writing TensorBoard text"):
             self._get().add_text(tag, text, global_step=step)
 
     def flush(self) -> None:
         if self._writer is not None:
-            self._writer.flush()
+            with self.guarded("flushing TensorBoard events"):
+                self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            with self.guarded("closing TensorBoard events"):
+                self._writer.close()
             self._writer = None
+
+    def _abandon(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - it failed already; its error was reported
+                pass
 
     def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard's writer thread re-raises its write error (to the next write, which
+    MetricsWriter reports) and also prints it as an uncaught thread exception: a traceback
+    for a failure already said in one line. Keep the default hook for every other thread."""
+    if getattr(threading.excepthook, "_moe_quiet", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    hook._moe_quiet = True
+    threading.excepthook = hook
 
 
 class StepTimer:

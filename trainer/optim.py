@@ -10,11 +10,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from parallel.checkpoint import Piece, adam_step_count, fetch_moments
-from parallel.checkpoint_store import Checkpoint
 from parallel.data_parallel import clip_gradients_, reduce_gradients
 from parallel.expert_parallel import split_parameters
-from parallel.shards import Shard
 from parallel.topology import Topology
 from trainer.config import TrainConfig
 
@@ -68,9 +65,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 class Stepper(Protocol):
     """One optimizer step as the loop sees it: begin(lr), then per micro-batch forward and
-    backward, then finish (reduce, clip, update) returning the pre-clip global grad norm."""
+    backward, then finish (reduce and clip: returns the pre-clip global gradient norm), then,
+    if the step is finite on every rank (trainer/divergence.py), update (apply it)."""
 
     optimizer: torch.optim.Optimizer
+    zero_stage: int  # 0: `optimizer` is torch's AdamW; 1, 2: DeepSpeed's ZeRO optimizer
 
     def begin(self, lr: float) -> None: ...
 
@@ -80,16 +79,14 @@ class Stepper(Protocol):
 
     def finish(self) -> torch.Tensor: ...
 
-    def export_state(self, params, topology): ...  # -> (checkpoint pieces, Adam step count)
-
-    def stage_state(self, ckpt, params, topology) -> list: ...  # -> closures that install it
+    def update(self) -> None: ...
 
 
 class PlainStepper:
     """zero_stage 0: every rank keeps the full optimizer state of its own parameters."""
 
     def __init__(self, model: nn.Module, topology: Topology, cfg: TrainConfig):
-        self.model, self.topology, self.cfg = model, topology, cfg
+        self.model, self.topology, self.cfg, self.zero_stage = model, topology, cfg, 0
         self.dense, self.expert = split_parameters(model)
         self.optimizer = build_optimizer(self.dense + self.expert, cfg)
 
@@ -107,35 +104,10 @@ class PlainStepper:
 
     def finish(self) -> torch.Tensor:
         reduce_gradients(self.dense, self.expert, self.topology)
-        norm = clip_gradients_(self.dense, self.expert, self.cfg.grad_clip, self.topology)
+        return clip_gradients_(self.dense, self.expert, self.cfg.grad_clip, self.topology)
+
+    def update(self) -> None:
         self.optimizer.step()
-        return norm
-
-    def export_state(self, params: list[Shard], topology: Topology) -> tuple[list[Piece], int | None]:
-        """Adam's moments of the parameter blocks this rank writes (the first replica of
-        each), and the step count (None before the first step)."""
-        pieces, step = [], None
-        for s in params:
-            state = self.optimizer.state.get(s.param, {})
-            if "step" in state:
-                step = int(state["step"])
-            if state and s.writes_whole(topology):
-                pieces += [Piece(f"optim/{s.name}/{k}", s.global_shape, s.box, (0, s.box.numel), state[k])
-                           for k in ("exp_avg", "exp_avg_sq")]
-        return pieces, step
-
-    def stage_state(self, ckpt: Checkpoint, params: list[Shard], topology: Topology) -> list:
-        """Read every parameter's moments; returns the closure that installs them."""
-        step = ckpt.meta.get("adam_step")
-        staged = [(s.param, fetch_moments(ckpt, s)) for s in params] if step is not None else []
-
-        def install() -> None:
-            self.optimizer.state.clear()
-            for p, moments in staged:
-                self.optimizer.state[p] = {"step": adam_step_count(step, self.optimizer, p)} | {
-                    k: v.to(p.device, p.dtype) for k, v in moments.items()}
-
-        return [install]
 
 
 def build_stepper(model: nn.Module, topology: Topology, cfg: TrainConfig, zero_stage: int,

@@ -21,10 +21,16 @@ def _env(**extra) -> dict[str, str]:
     return env
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """torchrun's own options (--max-restarts=...) may lead `args`; the rest go to the job."""
+def torchrun(nproc: int, *args: str, timeout: float = 300, fault: str | None = None,
+             runner: str = "torch.distributed.run", **env: str) -> subprocess.CompletedProcess:
+    """torchrun's own options (--max-restarts=...) may lead `args`; the rest go to the job.
+    `fault` (tests/faults.py) runs the entry point with that fault installed; `runner`
+    launcher.agent runs our torchrun wrapper instead of torchrun."""
     agent = [a for a in args if a.startswith("--max-restarts")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *agent,
-           "--standalone", "-m", "launcher.train", *[a for a in args if a not in agent]]
+    entry = "launcher.train" if fault is None else "tests.faults"
+    if fault is not None:
+        env["MOE_TEST_FAULT"] = fault
+    cmd = [sys.executable, "-m", runner, f"--nproc_per_node={nproc}", *agent,
+           "--standalone", "-m", entry, *[a for a in args if a not in agent]]
     return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True,
                           timeout=timeout)

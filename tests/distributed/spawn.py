@@ -27,7 +27,7 @@ ERROR_GRACE_S = 10.0
 # loaded. A fresh interpreter per rank paid about 7 s of CPU importing them (torch, and
 # torch._dynamo, which torch.optim imports on first use), 4 ranks on 2 cores per test. The
 # server only imports: no threads, no CUDA, no process group exist in it to be forked.
-PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "model.transformer", "parallel.checkpoint",
+PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "model.transformer", "checkpoint.save", "checkpoint.load",
            "parallel.expert_parallel", "parallel.tensor_parallel", "trainer.loop"]
 
 

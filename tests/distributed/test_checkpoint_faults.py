@@ -14,19 +14,14 @@ import sys
 import pytest
 import torch
 
-import parallel.checkpoint as checkpoint
+import checkpoint.load
+import checkpoint.save
+from checkpoint.compat import check_compatible
+from checkpoint.errors import CheckpointError, StorageError
+from checkpoint.reader import open_checkpoint, resolve
+from checkpoint.select import Found, choose
+from checkpoint.store import LATEST, MANIFEST, commit, committed, retain
 from launcher.config import load_config
-from launcher.train import check_fits
-from parallel.checkpoint_store import (
-    LATEST,
-    MANIFEST,
-    CheckpointError,
-    commit,
-    committed,
-    open_checkpoint,
-    resolve,
-    retain,
-)
 from tests.distributed.ckpt_setup import SMALL, make_trainer, step_losses
 from tests.distributed.launch import ROOT, TINY, _env
 from tests.distributed.spawn import run_distributed
@@ -90,25 +85,21 @@ def test_resume_auto_skips_a_broken_checkpoint_and_says_so(copy):
 
 
 def _choose_auto(rank, world, root):
-    """launcher.train.choose_verified on `world` ranks, counting the files each rank hashes."""
-    import parallel.checkpoint_store as store
-    from launcher.env import DistEnv
-    from launcher.train import choose_verified
+    """checkpoint.select.choose on `world` ranks, counting the files each rank hashes."""
+    import checkpoint.reader as reader
 
     hashed = []
-    original = store.sha256_file
+    original = reader.sha256_file
 
     def counting(path):
         hashed.append(f"{path.parent.name}/{path.name}")
         return original(path)
 
-    store.sha256_file = counting
+    reader.sha256_file = counting
     job = load_config(["--config", "configs/cpu_tiny.yaml", *SMALL, "--parallel.dp=2",
                        "--parallel.ep=2", "--train.micro_batch_size=4",
                        f"--logging.run_dir={root.parent}", "--checkpoint.resume=auto"])
-    found, _ = store.candidates(root)
-    env = DistEnv(rank, rank, world, world, "127.0.0.1", 1, "torchrun")
-    chosen = choose_verified(found, job, env)
+    chosen = choose(Found("auto", *reader.candidates(root)), job, rank, world)
     before_load = list(hashed)
     for name in chosen.manifest["files"]:
         chosen.load_file(name)  # trusted: no second hash
@@ -131,15 +122,12 @@ def test_resume_auto_shares_the_checksums_between_ranks_and_skips_a_broken_one(c
 
 
 def _choose_from_different_lists(rank, world, roots):
-    from launcher.env import DistEnv
-    from launcher.train import choose_verified
-    from parallel.checkpoint_store import candidates
+    from checkpoint.reader import candidates
 
     job = load_config(["--config", "configs/cpu_tiny.yaml", *SMALL, "--parallel.dp=2",
                        "--parallel.ep=2", "--train.micro_batch_size=4", "--checkpoint.resume=auto"])
-    found, _ = candidates(roots[rank])
     with pytest.raises(CheckpointError) as err:
-        choose_verified(found, job, DistEnv(rank, rank, world, world, "127.0.0.1", 1, "torchrun"))
+        choose(Found("auto", *candidates(roots[rank])), job, rank, world)
     return str(err.value)
 
 
@@ -189,7 +177,7 @@ def _install_fails_on_rank_1(rank, world, run_dir, ckpt_dir):
     if rank == 1:
         def out_of_memory(staged):
             raise RuntimeError("CUDA out of memory (simulated)")
-        checkpoint._copy_params = out_of_memory
+        checkpoint.load._copy_params = out_of_memory
     with pytest.raises(CheckpointError) as err:
         trainer.resume(open_checkpoint(ckpt_dir))
     return str(err.value)
@@ -212,8 +200,8 @@ def _write_fails_on_rank_2(rank, world, run_dir):
     if rank == 2:
         def read_only(path, tensors):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
-        checkpoint.write_shard = read_only
-    with pytest.raises(CheckpointError) as err:
+        checkpoint.save.write_shard = read_only
+    with pytest.raises(StorageError) as err:
         trainer.save()
     return str(err.value)
 
@@ -222,7 +210,7 @@ def _write_fails_on_rank_2(rank, world, run_dir):
 def test_one_rank_failing_to_write_fails_every_rank_with_its_name(tmp_path):
     messages = run_distributed(_write_fails_on_rank_2, 4, (str(tmp_path),), timeout_s=180)
     assert len(set(messages)) == 1, messages
-    assert "failed on rank(s) [2]" in messages[0] and "Read-only file system" in messages[0]
+    assert "failed on rank(s) [2]" in messages[0] and "the file system is read-only (EROFS" in messages[0]
     assert committed(tmp_path / "checkpoints") == []
     assert not (tmp_path / "checkpoints" / "latest").exists()
 
@@ -232,7 +220,7 @@ def test_retention_keeps_the_newest_and_never_fails(copy, monkeypatch):
     shutil.copytree(copy / "step_00000002", copy / "step_00000003")
     assert retain(copy, 2) == []
     assert [p.name for p in committed(copy)] == ["step_00000003", "step_00000002"]
-    import parallel.checkpoint_store as store
+    import checkpoint.store as store
 
     def refuse(path, *args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
@@ -293,7 +281,7 @@ def test_inspect_cli_reports_and_verifies(copy):
 def test_a_checkpoint_that_does_not_fit_the_model_is_refused(saved, override, message):
     job = load_config(["--config", TINY, *SMALL, override])
     with pytest.raises(CheckpointError, match=message):
-        check_fits(open_checkpoint(saved / "step_00000002"), job)
+        check_compatible(open_checkpoint(saved / "step_00000002"), job)
 
 
 @pytest.mark.distributed
@@ -305,23 +293,23 @@ def test_resuming_with_another_sample_order_is_refused_but_init_from_is_not(save
         job = load_config(["--config", TINY, *SMALL, override, "--checkpoint.resume=auto"])
         with pytest.raises(CheckpointError, match=rf"cannot resume from .*step_00000002: {key} is .* in "
                            r"the checkpoint and .* here.*\(16 samples seen\).*--checkpoint.init_from="):
-            check_fits(ckpt, job)
-        check_fits(ckpt, load_config(["--config", TINY, *SMALL, override, f"--checkpoint.init_from={ckpt.path}"]))
+            check_compatible(ckpt, job)
+        check_compatible(ckpt, load_config(["--config", TINY, *SMALL, override, f"--checkpoint.init_from={ckpt.path}"]))
     # the routers' expert bias may not appear in a resumed run; init_from starts it at zero
     job = load_config(["--config", TINY, *SMALL, "--moe.bias_update_rate=0.001", "--checkpoint.resume=auto"])
     with pytest.raises(CheckpointError, match=r"cannot resume from .*step_00000002: moe.bias_update_rate is 0.0 "
                        r"in the checkpoint and 0.001 here, so the routers' expert bias would be missing"):
-        check_fits(ckpt, job)
-    check_fits(ckpt, load_config(["--config", TINY, *SMALL, "--moe.bias_update_rate=0.001",
+        check_compatible(ckpt, job)
+    check_compatible(ckpt, load_config(["--config", TINY, *SMALL, "--moe.bias_update_rate=0.001",
                                   f"--checkpoint.init_from={ckpt.path}"]))
     # a layout or batch change keeps the order (the position is counted in samples)
-    check_fits(ckpt, load_config(["--config", TINY, *SMALL, "--train.micro_batch_size=1", "--checkpoint.resume=auto"]))
+    check_compatible(ckpt, load_config(["--config", TINY, *SMALL, "--train.micro_batch_size=1", "--checkpoint.resume=auto"]))
 
 
 @pytest.mark.distributed
 def test_init_from_a_checkpoint_without_expert_bias_loads_the_weights_and_starts_the_bias_at_zero(saved):
+    from checkpoint.load import load_weights
     from model.transformer import TransformerLM
-    from parallel.checkpoint import load_weights
 
     ckpt = open_checkpoint(saved / "step_00000002")
     job = load_config(["--config", TINY, *SMALL, "--moe.bias_update_rate=0.001"])

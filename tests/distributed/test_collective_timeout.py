@@ -28,10 +28,10 @@ def _stalled_peer(rank, world_size):
     from parallel.collectives import (
         CollectiveError,
         ProcessGroupExpertComm,
+        all_reduce,
         all_to_all_single,
     )
     from parallel.topology import Layout, Topology
-    from trainer.signals import StopSignals
 
     topo = Topology.create(Layout(world_size=2, dp=2, ep=2), timeout_s=TIMEOUT_S)
     out = {}
@@ -44,7 +44,7 @@ def _stalled_peer(rank, world_size):
         return out
     comm = ProcessGroupExpertComm(topo.groups["ep"])
     for name, op in (("ep", lambda: comm.exchange_counts(torch.zeros(2, 4, dtype=torch.long))),
-                     ("world", lambda: StopSignals(torch.device("cpu")).should_stop())):
+                     ("world", lambda: all_reduce(torch.zeros(3, dtype=torch.long)))):
         start = time.monotonic()
         with pytest.raises(CollectiveError) as info:
             op()
@@ -103,6 +103,8 @@ def test_a_frozen_worker_ends_the_job_with_an_error_naming_the_group(tmp_path):
     output = "".join(job.lines)
     line = next(x for x in output.splitlines() if "failed on global rank 0" in x)
     print(f"worker 1 frozen -> rank 0 failed after {waited:.1f} s: {line[:200]}")
-    assert re.search(r"\[rank 0\] \w+ on process group (dp|ep|edp|tp|world) \(global ranks", line), line
+    assert re.search(r"^collective failure: \w+ on process group (dp|ep|edp|tp|world) \(global ranks", line), line
+    # rank 0 reads the heartbeats (parallel/heartbeat.py): the frozen worker is named
+    assert re.search(rf"rank 1 \(host [^,]+, pid {frozen}\) stopped answering", output), output[-3000:]
     assert waited < 4 + 10, waited
     assert "exitcode  : 3" in output, output[-3000:]

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from model.config import ModelConfig, MoEConfig
 from model.moe import build_moe
 from model.transformer import TransformerLM
-from parallel.checkpoint import load_checkpoint, save_checkpoint
-from parallel.checkpoint_store import open_checkpoint
+from checkpoint.load import load_checkpoint
+from checkpoint.reader import open_checkpoint
+from checkpoint.save import save_checkpoint
 from parallel.collectives import ProcessGroupExpertComm
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.topology import Layout, Topology

@@ -20,8 +20,8 @@ from launcher.env import DistEnv
 from launcher.train import prepare
 from model.errors import ConfigError
 from model.transformer import TransformerLM
-from parallel.checkpoint import load_weights
-from parallel.checkpoint_store import open_checkpoint
+from checkpoint.load import load_weights
+from checkpoint.reader import open_checkpoint
 from tests.distributed.launch import ROOT, SMALL, TINY, _env, torchrun
 from trainer.data import eval_batches, load_corpus
 
@@ -64,6 +64,8 @@ def test_default_run_learns_and_its_checkpoint_reproduces_the_eval_loss(default_
                 "moe/layer3/busiest_expert_fraction", "moe/router_entropy"):
         assert tag in tags["scalars"], tag
     assert "moe/expert_load" in tags["images"]
+    assert sorted(p.name for p in (run_dir / "expert_load").iterdir()) == [
+        "latest.png", "step_00000010.png", "step_00000020.png"]
 
     # The checkpoint holds the global-shape weights: loaded at ep=1 in this one process, it
     # reproduces the eval loss the 4 ranks computed together (mean over their eval shards).
@@ -137,8 +139,14 @@ def test_bad_input_fails_on_every_rank_before_any_collective(overrides, message,
     results = launch_ranks(2, "--config", TINY, f"--logging.run_dir={tmp_path}", *overrides)
     for rank, (code, _, err) in enumerate(results):
         assert code == 2, err[-3000:]
-        assert f"[rank {rank}] config error: {message}" in err, err[-3000:]
+        assert f"{_prefix(rank)}config error: {message}" in err, err[-3000:]
         assert "Traceback" not in err
+
+
+def _prefix(rank: int) -> str:
+    """Rank 0 says an input error plainly; the others name themselves (without a launcher
+    that collects their exit records, each says it: a rank-local error must not be lost)."""
+    return "" if rank == 0 else f"[rank {rank}] "
 
 
 @pytest.mark.distributed
@@ -153,7 +161,7 @@ def test_yaml_key_that_does_not_exist(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("moe:\n  capacity: 2\n")
     for rank, (code, _, err) in enumerate(launch_ranks(2, "--config", str(bad))):
-        assert code == 2 and f"[rank {rank}] config error: unknown config key 'moe.capacity'" in err, err
+        assert code == 2 and f"{_prefix(rank)}config error: unknown config key 'moe.capacity'" in err, err
 
 
 @pytest.mark.distributed

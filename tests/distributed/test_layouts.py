@@ -14,7 +14,7 @@ import torch
 
 from model.config import ModelConfig, MoEConfig
 from model.transformer import TransformerLM
-from parallel.checkpoint import gather_global
+from tests.distributed.gather import gather_global
 from parallel.data_parallel import clip_gradients_, reduce_gradients
 from parallel.expert_parallel import apply_expert_parallel, split_parameters
 from parallel.tensor_parallel import apply_tensor_parallel

@@ -48,6 +48,7 @@ def _train(device: str, stage: int, precision: str, steps: int = 5):
                 out = stepper.forward(x[:, :-1], x[:, 1:])
             stepper.backward(out.loss)
             stepper.finish()
+            stepper.update()
             losses.append(out.lm_loss.item())
         dtypes = {p.dtype for p in model.parameters()}
         grads = {p.grad.dtype for p in model.parameters() if p.grad is not None}
@@ -78,7 +79,7 @@ def test_bf16_tracks_fp32_with_autocast_and_with_zero(device, monkeypatch):
 
 
 def _bf16_zero_to_fp32(rank, world, root):
-    from parallel.checkpoint_store import resolve
+    from checkpoint.reader import resolve
     from tests.distributed.ckpt_setup import make_trainer, step_losses
 
     src = make_trainer(rank, f"{root}/bf16", "dp2_ep2_zero1", "--train.precision=bf16")

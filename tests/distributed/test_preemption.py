@@ -19,9 +19,9 @@ import time
 
 import pytest
 
-from parallel.checkpoint_store import committed
+from checkpoint.store import committed
 from tests.distributed.launch import ROOT, SMALL, TINY, _env
-from trainer.signals import PREEMPTED_EXIT_CODE
+from launcher.exit_codes import PREEMPTED as PREEMPTED_EXIT_CODE
 
 ARGS = ["--config", TINY, *SMALL, "--parallel.dp=2", "--parallel.ep=2", "--train.eval_interval=2",
         "--logging.progress=false", "--logging.tensorboard=false", "--parallel.timeout_s=60"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel.checkpoint_store import open_checkpoint, resolve
+from checkpoint.reader import open_checkpoint, resolve
 from tests.distributed.ckpt_setup import make_trainer, step_losses, world_of
 from tests.distributed.spawn import case_result, run_cases, run_distributed
 

@@ -19,10 +19,9 @@ import time
 import pytest
 import torch
 
-from parallel.checkpoint import KILL_IN_SAVE_ENV
-from parallel.checkpoint_store import committed, open_checkpoint, resolve
+from checkpoint.reader import open_checkpoint, resolve
+from checkpoint.store import committed
 from tests.distributed.launch import SMALL, TINY, torchrun
-from trainer.loop import CRASH_AT_ENV
 
 TIMEOUT_S = 30
 ARGS = ["--config", TINY, *SMALL, "--parallel.dp=2", "--parallel.ep=2", "--train.steps=8", "--checkpoint.interval=4",
@@ -52,7 +51,7 @@ def test_a_killed_save_and_a_crashed_worker_both_resume_exactly(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     start = time.monotonic()
-    proc = torchrun(2, *ARGS, f"--logging.run_dir={b}", **{KILL_IN_SAVE_ENV: "1@8"})
+    proc = torchrun(2, *ARGS, f"--logging.run_dir={b}", fault="kill_in_save:1@8")
     elapsed = time.monotonic() - start
     assert proc.returncode != 0, "the job must fail when a rank dies during a save"
     assert elapsed < 3 * TIMEOUT_S + 60, f"took {elapsed:.0f}s to fail"
@@ -74,7 +73,7 @@ def test_a_killed_save_and_a_crashed_worker_both_resume_exactly(tmp_path):
 
     d = tmp_path / "d"
     proc = torchrun(2, "--max-restarts=1", *ARGS, f"--logging.run_dir={d}", "--checkpoint.resume=auto",
-                    **{CRASH_AT_ENV: "1@6"})
+                    fault="crash_after:1@6")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "step 4" in proc.stdout  # the restarted attempt
     resumed = _losses(d)

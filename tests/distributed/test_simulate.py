@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from parallel.checkpoint_store import committed
+from checkpoint.store import committed
 from tests.distributed.launch import ROOT, SMALL, TINY, _env
-from trainer.signals import PREEMPTED_EXIT_CODE
+from launcher.exit_codes import PREEMPTED as PREEMPTED_EXIT_CODE
 
 
 def _simulate(run_dir, *args):

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from model.config import ModelConfig, MoEConfig
 from model.transformer import TransformerLM
-from parallel.checkpoint import gather_global
+from tests.distributed.gather import gather_global
 from parallel.expert_parallel import apply_expert_parallel
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import Layout, Topology
@@ -90,6 +90,7 @@ def _run(rank, world, dp, tp, ep):
                 x = tokens[step, micro, d]
                 stepper.backward(stepper.forward(x[:, :-1], x[:, 1:]).loss)
             norms.append(stepper.finish().float().reshape(()))
+            stepper.update()
         calls.expect(recompute, steps=TRAIN.steps * TRAIN.grad_accum)
         torch.testing.assert_close(torch.stack(norms), ref_norms, rtol=1e-4, atol=0,
                                    msg=f"grad norms, zero_stage {stage}")

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from launcher.sweep import SLURM_ENDED
-from parallel.checkpoint_store import committed
+from checkpoint.store import committed
 from tests.distributed.launch import ROOT, SMALL, TINY
 from tests.slurm.cluster import Cluster, missing
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel.shards import Box, Shard, fill_box
+from checkpoint.layout import Box, Shard, fill_box
 from parallel.topology import Layout, Topology
 
 

@@ -21,12 +21,11 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from parallel.checkpoint import Piece, adam_step_count, fetch_moments, fetch_param
-from parallel.checkpoint_store import Checkpoint
-from parallel.shards import Shard
+from checkpoint.layout import Piece, Shard
+from checkpoint.load import fetch_param
+from checkpoint.optimizer import MOMENTS, adam_step_count, fetch_moments
+from checkpoint.reader import Checkpoint
 from parallel.topology import Topology
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def fragments(zero, params: list[Shard]) -> Iterator[tuple[int, Shard, int, int, int]]:
@@ -42,7 +41,7 @@ def fragments(zero, params: list[Shard]) -> Iterator[tuple[int, Shard, int, int,
                 yield i, by_id[id(p)], start - offset, end - offset, start - lo
 
 
-def export_state(zero, params: list[Shard], topology: Topology) -> tuple[list[Piece], int | None]:
+def zero_pieces(zero, params: list[Shard], topology: Topology) -> tuple[list[Piece], int | None]:
     """This rank's fragments of the master weights (when their dtype differs from the model's)
     and of Adam's moments, and Adam's step count (None before the first step)."""
     pieces, step = [], None
@@ -63,7 +62,7 @@ def export_state(zero, params: list[Shard], topology: Topology) -> tuple[list[Pi
     return pieces, step
 
 
-def stage_state(zero, ckpt: Checkpoint, params: list[Shard]) -> list:
+def read_zero_state(zero, ckpt: Checkpoint, params: list[Shard]) -> list:
     """Build this rank's master and moment partitions from the checkpoint; returns the
     closure that installs them (nothing is changed before it runs)."""
     step = ckpt.meta.get("adam_step")

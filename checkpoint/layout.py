@@ -17,6 +17,7 @@ Pure arithmetic plus parameter attributes: no collectives.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -86,6 +87,20 @@ class Shard:
         fragment has one owner, except that dense parameters tp does not split are
         partitioned once per tp rank: tp rank 0's copy is written."""
         return self.replicated_over != "world" or topology.coord("tp") == 0
+
+
+class Piece(NamedTuple):
+    """A block (or a flat fragment of a block) of a global tensor, held by this rank."""
+
+    name: str  # e.g. "model/layers.0.ffn.experts.w1_EDF", "optim/<param>/exp_avg"
+    shape: tuple[int, ...]  # the global tensor's shape
+    box: Box
+    flat: tuple[int, int]  # range of the row-major flattened box
+    tensor: torch.Tensor  # the values: the box, or the fragment as a 1-D tensor
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}|{','.join(map(str, self.box.offsets))}|{self.flat[0]}"
 
 
 def shards(model: nn.Module, topology: Topology) -> list[Shard]:

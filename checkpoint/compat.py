@@ -1,0 +1,63 @@
+"""What must agree between a checkpoint and the run that loads it, checked before any
+collective (every rank reads the same manifest, so every rank raises the same error).
+
+- The model: every field of model.config.ARCHITECTURE (those that fix parameter shapes).
+- Resuming (not init_from): what orders the training samples (DATA_ORDER), since the saved
+  data position (global samples seen) points into that order; and whether the routers keep an
+  expert bias (moe.bias_update_rate on or off), since the bias steers routing.
+"""
+
+from __future__ import annotations
+
+from checkpoint.errors import CheckpointError
+from checkpoint.reader import Checkpoint
+from model.config import ARCHITECTURE
+
+# What fixes the order of the training samples (trainer/data.py): a resumed run must keep it.
+# (micro_batch_size, grad_accum and dp may change: the position is counted in samples.)
+DATA_ORDER = {"train": ("seq_len", "seed"),
+              "data": ("source", "path", "text_glob", "token_dtype", "holdout_fraction")}
+
+
+def first_difference(saved: dict, job, fields: dict, default_ours: bool):
+    """(section.key, checkpoint's value, ours) for the first of `fields` that differ, or None.
+    A key the checkpoint lacks (older checkpoints did not record it) counts as ours with
+    `default_ours`, else as the field's default (which reproduces what came before it, e.g.
+    moe.shared_expert_hidden 0)."""
+    for section, keys in fields.items():
+        ours = getattr(job, section)
+        for key in keys:
+            missing = getattr(ours, key) if default_ours else getattr(type(ours), key, None)
+            theirs = saved.get(section, {}).get(key, missing)
+            if theirs != getattr(ours, key):
+                return f"{section}.{key}", theirs, getattr(ours, key)
+    return None
+
+
+def check_compatible(ckpt: Checkpoint, job) -> None:
+    """The checkpoint's model must be this run's model; a resumed run must also read the same
+    data in the same order, or its saved data position would point elsewhere."""
+    saved = ckpt.meta.get("config", {})
+    diff = first_difference(saved, job, ARCHITECTURE, default_ours=False)
+    if diff:
+        raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run: {diff[0]} is "
+                              f"{diff[1]} in the checkpoint and {diff[2]} here")
+    if not job.checkpoint.resume:
+        return
+    theirs, ours = saved.get("moe", {}).get("bias_update_rate", 0.0), job.moe.bias_update_rate
+    if (theirs > 0) != (ours > 0):
+        # The rate may change; the bias must not appear or vanish in a resumed run (init_from
+        # may: a new bias starts at zero, an unused one is reported by load_weights).
+        raise CheckpointError(
+            f"cannot resume from {ckpt.path}: moe.bias_update_rate is {theirs} in the checkpoint "
+            f"and {ours} here, so the routers' expert bias would "
+            + ("be dropped (its routing would change)" if theirs > 0 else "be missing from it")
+            + f"; --checkpoint.init_from={ckpt.path} starts from its weights instead")
+    diff = first_difference(saved, job, DATA_ORDER, default_ours=True)
+    if diff:
+        raise CheckpointError(
+            f"cannot resume from {ckpt.path}: {diff[0]} is {diff[1]} in the checkpoint and "
+            f"{diff[2]} here, which changes the order of the training samples, so its data "
+            f"position ({ckpt.meta.get('samples_seen')} samples seen) would not continue the "
+            f"run. Keep the value, or start from its weights with --checkpoint.init_from="
+            f"{ckpt.path} (fresh optimizer, step 0)")

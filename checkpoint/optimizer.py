@@ -1,0 +1,85 @@
+"""Adam's state in and out of checkpoints, for whichever stepper trains the model.
+
+At zero_stage 0 every rank holds the full state of the parameter blocks it holds; the first
+replica of each block writes it (checkpoint/layout.py), at the block's place in the global
+tensor, so any layout reads it back. ZeRO's partitions are checkpoint/zero.py. Adam's step
+count is one number for the whole model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from checkpoint.errors import CheckpointError
+from checkpoint.layout import Piece, Shard
+from checkpoint.reader import Checkpoint
+from parallel.topology import Topology
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def fetch_moments(ckpt: Checkpoint, shard: Shard) -> dict[str, torch.Tensor]:
+    """Adam's two moments of a parameter's block, fp32."""
+    out = {}
+    for key in MOMENTS:
+        values = ckpt.fetch(f"optim/{shard.name}/{key}", shard.box, torch.float32)
+        if values is None:
+            raise CheckpointError(f"checkpoint {ckpt.path} has optimizer steps but no "
+                                  f"optim/{shard.name}/{key}")
+        out[key] = values
+    return out
+
+
+def adam_step_count(step: int, optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor:
+    """Adam's step count for `param`'s restored state, where torch's AdamW keeps it: on the
+    parameter's device for the fused (CUDA) kernel, on the host for the per-tensor one."""
+    fused = bool(optimizer.defaults.get("fused"))
+    return torch.tensor(float(step), device=param.device if fused else "cpu")
+
+
+def optimizer_pieces(stepper, params: list[Shard], topology: Topology) -> tuple[list[Piece], int | None]:
+    """The checkpoint pieces of the optimizer state this rank writes, and Adam's step count
+    (None before the first step). `stepper` is trainer.optim's Stepper."""
+    if stepper.zero_stage:
+        from checkpoint.zero import zero_pieces
+
+        return zero_pieces(stepper.optimizer, params, topology)
+    return _plain_pieces(stepper.optimizer, params, topology)
+
+
+def read_optimizer_state(stepper, ckpt: Checkpoint, params: list[Shard]) -> list:
+    """Read this rank's optimizer state from `ckpt`; returns the closures that install it
+    (nothing is changed before they run)."""
+    if stepper.zero_stage:
+        from checkpoint.zero import read_zero_state
+
+        return read_zero_state(stepper.optimizer, ckpt, params)
+    return _read_plain(stepper.optimizer, ckpt, params)
+
+
+def _plain_pieces(optimizer: torch.optim.Optimizer, params: list[Shard],
+                  topology: Topology) -> tuple[list[Piece], int | None]:
+    """Adam's moments of the parameter blocks this rank writes (the first replica of each),
+    and the step count (None before the first step)."""
+    pieces, step = [], None
+    for s in params:
+        state = optimizer.state.get(s.param, {})
+        if "step" in state:
+            step = int(state["step"])
+        if state and s.writes_whole(topology):
+            pieces += [Piece(f"optim/{s.name}/{k}", s.global_shape, s.box, (0, s.box.numel), state[k])
+                       for k in MOMENTS]
+    return pieces, step
+
+
+def _read_plain(optimizer: torch.optim.Optimizer, ckpt: Checkpoint, params: list[Shard]) -> list:
+    step = ckpt.meta.get("adam_step")
+    staged = [(s.param, fetch_moments(ckpt, s)) for s in params] if step is not None else []
+
+    def install() -> None:
+        optimizer.state.clear()
+        for p, moments in staged:
+            optimizer.state[p] = {"step": adam_step_count(step, optimizer, p)} | {
+                k: v.to(p.device, p.dtype) for k, v in moments.items()}
+
+    return [install]
