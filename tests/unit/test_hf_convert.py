@@ -10,7 +10,7 @@ import torch
 from checkpoint.hf import FAMILIES, DictSource, build_table, detect_layout, hf_to_ours, ours_to_hf
 from checkpoint.hf.deepseek_v3 import moe_config_from_hf
 from model.errors import ConfigError
-from parallel.shards import Box
+from checkpoint.layout import Box
 from tests.unit.hf_tiny import hf_config, per_expert_state, tiny_hf
 
 FAMILY_NAMES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
