@@ -55,6 +55,14 @@ class JobConfig:
                             ("moe.shared_expert_hidden", moe.shared_expert_hidden)):
             if value % par.tp:
                 raise ConfigError(f"{name} ({value}) must be divisible by parallel.tp ({par.tp})")
+        if m.kv_heads % par.tp:
+            raise ConfigError(
+                f"model.n_kv_heads ({m.kv_heads}) must be divisible by parallel.tp ({par.tp}): tp "
+                f"splits the key/value heads as it splits model.n_heads ({m.n_heads})")
+        beyond = [i for i in moe.dense_layers or [] if i >= m.n_layers]
+        if beyond:
+            raise ConfigError(f"moe.dense_layers ({moe.dense_layers}) names blocks {beyond} beyond "
+                              f"model.n_layers ({m.n_layers})")
         if moe.backend in ("deepspeed", "megablocks") and par.tp > 1:
             raise ConfigError(
                 f"moe.backend {moe.backend} runs with parallel.tp 1 only (got {par.tp}); use the "
@@ -184,7 +192,9 @@ def _coerce(dotted: str, value: Any, hint: Any, from_cli: bool) -> Any:
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{dotted} must be {_KIND[base]}, got null")
+        raise ConfigError(f"{dotted} must be {_kind(base)}, got null")
+    if typing.get_origin(base) is list:
+        return _coerce_list(dotted, value, typing.get_args(base)[0], from_cli)
     if from_cli and isinstance(value, str) and base is not str:
         value = _parse_cli(dotted, value, base)
     if base is bool and isinstance(value, bool):
@@ -202,7 +212,24 @@ def _coerce(dotted: str, value: Any, hint: Any, from_cli: bool) -> Any:
             return number
     if base is str and isinstance(value, str):
         return value
-    raise ConfigError(f"{dotted} must be {_KIND[base]}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{dotted} must be {_kind(base)}, got {value!r} ({type(value).__name__})")
+
+
+def _kind(base: Any) -> str:
+    if typing.get_origin(base) is list:
+        return f"a list of {_KIND[typing.get_args(base)[0]].removeprefix('an ').removeprefix('a ')}s"
+    return _KIND[base]
+
+
+def _coerce_list(dotted: str, value: Any, item: type, from_cli: bool) -> list:
+    """A YAML list, or on the command line `[1, 3]` or `1,3` (`[]` for an empty list)."""
+    if from_cli and isinstance(value, str):
+        text = value.strip()
+        text = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+        value = [part.strip() for part in text.split(",")] if text.strip() else []
+    if not isinstance(value, list):
+        raise ConfigError(f"{dotted} must be {_kind(list[item])}, got {value!r} ({type(value).__name__})")
+    return [_coerce(f"{dotted}[{i}]", v, item, from_cli) for i, v in enumerate(value)]
 
 
 def _parse_cli(dotted: str, raw: str, base: type) -> Any:

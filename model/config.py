@@ -18,12 +18,17 @@ DEEPSPEED_ONLY = ("capacity_factor", "eval_capacity_factor", "min_capacity", "dr
                   "use_rts", "noisy_gate_policy", "second_expert_sampling")
 EXPERT_IMPLS = ("grouped_mm", "loop")
 RECOMPUTE = ("none", "ffn", "full")  # train.recompute, applied by TransformerLM.set_recompute
+QK_NORMS = ("none", "head", "proj")
+SCORE_FUNCS = ("softmax", "sigmoid")
+AUX_LOSS_FORMS = ("per_layer", "pooled")
 
 # The fields that fix parameter shapes, per section: a checkpoint (ours or an imported one) only
 # fits a model that agrees on every one of them. A new field that adds, removes or reshapes a
 # parameter or a persistent buffer belongs here; its default must reproduce the model before it.
-ARCHITECTURE = {"model": ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "tie_embeddings"),
-                "moe": ("num_experts", "expert_hidden", "every_n_layers", "shared_expert_hidden")}
+ARCHITECTURE = {"model": ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "tie_embeddings",
+                          "n_kv_heads", "head_dim", "qkv_bias", "qk_norm"),
+                "moe": ("num_experts", "expert_hidden", "every_n_layers", "shared_expert_hidden",
+                        "shared_expert_gate", "expert_bias", "first_k_dense", "dense_layers")}
 
 
 @dataclass
@@ -37,7 +42,21 @@ class ModelConfig:
     n_layers: int = 4
     """Number of transformer blocks."""
     n_heads: int = 4
-    """Attention heads; dim must be divisible by n_heads (head_dim = dim / n_heads)."""
+    """Query heads; with head_dim null, dim must be divisible by n_heads."""
+    n_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention): query head h reads key/value head
+    h // (n_heads / n_kv_heads), as transformers' repeat_kv does. null = n_heads (multi-head).
+    Tensor parallelism splits both kinds of head, so both must be divisible by parallel.tp."""
+    head_dim: int | None = None
+    """Features per attention head; null = dim / n_heads. Set, q has n_heads * head_dim
+    features and k, v n_kv_heads * head_dim, whatever dim is (Qwen3). Even (rotary pairs)."""
+    qkv_bias: bool = False
+    """A bias on the q, k and v projections (Qwen2); the output projection has none."""
+    qk_norm: str = "none"
+    """RMSNorm of queries and keys, before rotary: none; head (over each head's head_dim
+    features, one gain of head_dim for all heads: Qwen3); proj (over all of q's and all of k's
+    features, gains of n_heads * head_dim and n_kv_heads * head_dim: OLMoE; under tensor
+    parallelism the sum of squares is all-reduced over the tp group)."""
     ffn_hidden: int = 384
     """Hidden size of the dense SwiGLU feed-forward (blocks that are not MoE)."""
     max_seq_len: int = 256
@@ -51,18 +70,38 @@ class ModelConfig:
     tie_embeddings: bool = False
     """Share the token embedding with the output projection."""
 
+    @property
+    def kv_heads(self) -> int:
+        """model.n_kv_heads with its default resolved."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_size(self) -> int:
+        """model.head_dim with its default resolved."""
+        return self.dim // self.n_heads if self.head_dim is None else self.head_dim
+
     def validate(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
             check_positive(f"model.{name}", getattr(self, name))
-        if self.dim % self.n_heads:
+        for name in ("n_kv_heads", "head_dim"):
+            if getattr(self, name) is not None:
+                check_positive(f"model.{name}", getattr(self, name))
+        if self.head_dim is None and self.dim % self.n_heads:
             raise ConfigError(
-                f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})"
+                f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads}) "
+                "when model.head_dim is null"
             )
-        if (self.dim // self.n_heads) % 2:
+        if self.n_heads % self.kv_heads:
             raise ConfigError(
-                f"head_dim = model.dim / model.n_heads ({self.dim // self.n_heads}) must be even "
-                "for rotary embeddings"
+                f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads "
+                f"({self.n_kv_heads}): each key/value head serves a whole group of query heads"
             )
+        if self.head_size % 2:
+            raise ConfigError(
+                f"the head size ({self.head_size}: model.head_dim, or model.dim / model.n_heads) "
+                "must be even for rotary embeddings"
+            )
+        check_choice("model.qk_norm", self.qk_norm, QK_NORMS)
         if self.init_std <= 0 or self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ConfigError(
                 f"model.init_std ({self.init_std}), model.norm_eps ({self.norm_eps}) and "
@@ -81,18 +120,54 @@ class MoEConfig:
     expert_hidden: int = 128
     """Hidden size of each SwiGLU expert."""
     every_n_layers: int = 1
-    """Blocks i with (i + 1) % every_n_layers == 0 use an MoE FFN; 1 = every block, 0 = none."""
+    """Blocks i with (i + 1) % every_n_layers == 0 use an MoE FFN; 1 = every block, 0 = none
+    (transformers' decoder_sparse_step). first_k_dense and dense_layers exclude more blocks."""
+    first_k_dense: int = 0
+    """The first this-many blocks use a dense FFN whatever every_n_layers says (DeepSeek-V3's
+    first_k_dense_replace). 0 = none."""
+    dense_layers: list[int] | None = None
+    """Indices of blocks that use a dense FFN whatever every_n_layers says (Qwen-MoE's
+    mlp_only_layers), e.g. [0, 5]. null = none."""
     shared_expert_hidden: int = 0
     """Hidden size of a shared expert: a dense SwiGLU that every token passes through, its
     output added to the routed experts' (DeepSeekMoE's shared experts, as one wider MLP).
     0 = none. Any backend; under tensor parallelism it is split like a dense FFN."""
+    shared_expert_gate: bool = False
+    """Scale the shared expert's output per token by sigmoid(x . g), g a learned (1, dim)
+    weight (Qwen2-MoE's shared_expert_gate); replicated under tensor parallelism. Needs
+    shared_expert_hidden > 0."""
+    score_func: str = "softmax"
+    """Router scores from the logits: softmax over the experts, or sigmoid of each logit on its
+    own (DeepSeek-V3). The top-k are chosen on the scores (plus the expert bias, if any) and
+    their combine weights are the chosen scores (renormalised if configured)."""
     renormalize: bool | None = None
-    """Rescale each token's top-k router probabilities to sum to 1. None (the default): when
-    top_k > 1. At top_k 1 renormalising makes every combine weight exactly 1, so the router
-    would learn from the aux loss only (Switch weights by the probability itself); true is
-    refused there."""
+    """Rescale each token's top-k scores to sum to 1. None (the default): when top_k > 1. At
+    top_k 1 renormalising makes every combine weight exactly 1 (Mixtral, whose router always
+    renormalises): the router then gets no gradient from the language-model loss and learns
+    from the load-balancing loss only, where Switch's unrenormalised weight lets it learn
+    from both."""
+    n_group: int = 1
+    """Group-limited routing (DeepSeek-V3's n_group): the experts form n_group equal groups of
+    consecutive ids; a group's score is the sum of its two best scores (bias included); each
+    token chooses its top_k experts among its topk_group best groups only. 1 = no groups."""
+    topk_group: int = 1
+    """Groups each token may choose from (DeepSeek-V3's topk_group), 1 <= topk_group <= n_group;
+    equal to n_group, every group is allowed. Read only when n_group > 1."""
+    routed_scaling_factor: float = 1.0
+    """Multiplies the routed experts' combine weights after any renormalisation (DeepSeek-V3's
+    routed_scaling_factor); the shared expert is not scaled."""
     aux_loss_coef: float = 0.01
-    """Coefficient of the load-balancing loss (Switch/GShard form; 1.0 when perfectly balanced)."""
+    """Coefficient of the load-balancing loss (its form: aux_loss_form)."""
+    aux_loss_form: str = "per_layer"
+    """per_layer (ours): E * sum_e f_e P_e in each MoE layer, f_e the share of the layer's
+    token-slots routed to expert e and P_e its mean router probability, averaged over the
+    layers; 1.0 when balanced. pooled (transformers' load_balancing_loss_func, the convention
+    of Mixtral, Qwen-MoE and OLMoE checkpoints): f_e and P_e are pooled over the MoE layers
+    first, f_e counting choices per token (summing to top_k), then E * sum_e f_e P_e once;
+    top_k when balanced. With one MoE layer, or layers that route alike, pooled = top_k x
+    per_layer: transformers' router_aux_loss_coef c matches aux_loss_coef c in the pooled
+    form and about top_k x c in the per_layer form. P is the softmax; with score_func sigmoid,
+    each token's scores divided by their sum."""
     z_loss_coef: float = 0.001
     """Coefficient of the router z-loss (mean squared logsumexp of the router logits)."""
     bias_update_rate: float = 0.0
@@ -102,7 +177,12 @@ class MoEConfig:
     probabilities), and after every optimizer step each bias moves by this rate towards
     balance: up for experts that got fewer token-slots than the mean over the global batch,
     down for those that got more. 0 = off (no bias). Usually with a small or zero
-    aux_loss_coef. Native and megablocks backends (DeepSpeed's gate chooses its own experts)."""
+    aux_loss_coef. Native and megablocks backends (DeepSpeed's gate chooses its own experts).
+    With score_func sigmoid the bias is added to the sigmoid scores (DeepSeek-V3)."""
+    expert_bias: bool = False
+    """Keep the per-expert choice bias of bias_update_rate as state even when the rate is 0:
+    a fixed bias, e.g. DeepSeek-V3's e_score_correction_bias of an imported checkpoint. Native
+    and megablocks backends."""
     backend: str = "native"
     """MoE implementation: native (ours: dropless, uneven all-to-all, grouped GEMM),
     deepspeed (DeepSpeed-MoE's gate and layer: capacity buffers, equal-split all-to-all) or
@@ -147,20 +227,11 @@ class MoEConfig:
                 f"moe.aux_loss_coef ({self.aux_loss_coef}) and moe.z_loss_coef "
                 f"({self.z_loss_coef}) must be >= 0"
             )
-        if self.renormalize and self.top_k == 1:
-            raise ConfigError(
-                "moe.renormalize true with moe.top_k 1 makes every combine weight exactly 1: the "
-                "router would get no gradient from the loss; leave moe.renormalize unset (null)"
-            )
         check_choice("moe.backend", self.backend, MOE_BACKENDS)
         if self.bias_update_rate < 0:
             raise ConfigError(f"moe.bias_update_rate ({self.bias_update_rate}) must be >= 0 (0 = off)")
-        if self.bias_update_rate and self.backend == "deepspeed":
-            raise ConfigError(
-                f"moe.bias_update_rate ({self.bias_update_rate}) needs our router to choose the "
-                "experts; in the deepspeed backend DeepSpeed's gate chooses them: use the native "
-                "or megablocks backend, or moe.bias_update_rate 0"
-            )
+        self._validate_routing()
+        self._validate_layer_pattern()
         check_choice("moe.expert_impl", self.expert_impl, EXPERT_IMPLS)
         check_choice("moe.noisy_gate_policy", self.noisy_gate_policy, NOISY_GATE_POLICIES)
         if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0 or self.min_capacity < 0:
@@ -188,6 +259,55 @@ class MoEConfig:
                 + (" and deterministic" if self.backend == "native" else "")
             )
 
+    def _validate_routing(self) -> None:
+        check_choice("moe.score_func", self.score_func, SCORE_FUNCS)
+        check_choice("moe.aux_loss_form", self.aux_loss_form, AUX_LOSS_FORMS)
+        if self.shared_expert_gate and not self.shared_expert_hidden:
+            raise ConfigError("moe.shared_expert_gate true needs a shared expert: "
+                              "moe.shared_expert_hidden is 0")
+        if not self.routed_scaling_factor > 0:
+            raise ConfigError(f"moe.routed_scaling_factor ({self.routed_scaling_factor}) must be > 0")
+        check_positive("moe.n_group", self.n_group)
+        if self.n_group > 1:
+            per_group = self.num_experts // self.n_group
+            if self.num_experts % self.n_group or per_group < 2:
+                raise ConfigError(
+                    f"moe.num_experts ({self.num_experts}) must be divisible by moe.n_group "
+                    f"({self.n_group}) into groups of at least 2 experts (a group scores by its "
+                    "two best)")
+            if not 1 <= self.topk_group <= self.n_group:
+                raise ConfigError(f"moe.topk_group ({self.topk_group}) must be between 1 and "
+                                  f"moe.n_group ({self.n_group})")
+            if self.top_k > self.topk_group * per_group:
+                raise ConfigError(
+                    f"moe.top_k ({self.top_k}) exceeds the experts of moe.topk_group "
+                    f"({self.topk_group}) groups of {per_group}")
+        if self.backend == "deepspeed":
+            # DeepSpeed's gate chooses and weights the experts itself: softmax top-k, no bias.
+            ours_only = [f"moe.{n} ({getattr(self, n)!r})" for n in
+                         ("score_func", "n_group", "routed_scaling_factor", "expert_bias",
+                          "bias_update_rate", "aux_loss_form")
+                         if getattr(self, n) != getattr(MoEConfig, n)]
+            if ours_only:
+                raise ConfigError(
+                    f"{', '.join(ours_only)} {'need' if len(ours_only) > 1 else 'needs'} our "
+                    "router to choose the experts; in the deepspeed backend DeepSpeed's gate "
+                    "chooses them (softmax top-k, no bias, its own load-balancing loss): use the "
+                    "native or megablocks backend")
+
+    def _validate_layer_pattern(self) -> None:
+        if self.first_k_dense < 0:
+            raise ConfigError(f"moe.first_k_dense ({self.first_k_dense}) must be >= 0")
+        dense = self.dense_layers or []
+        if any(i < 0 for i in dense) or len(set(dense)) != len(dense):
+            raise ConfigError(f"moe.dense_layers ({self.dense_layers}) must list distinct block "
+                              "indices >= 0")
+
+    @property
+    def has_expert_bias(self) -> bool:
+        """Whether the routers keep a choice bias (moe.expert_bias or moe.bias_update_rate)."""
+        return self.expert_bias or self.bias_update_rate > 0
+
     @property
     def renormalizes(self) -> bool:
         """moe.renormalize with its default resolved: whether top-k weights are rescaled."""
@@ -214,5 +334,6 @@ class MoEConfig:
                     top2_2nd_expert_sampling=self.second_expert_sampling)
 
     def is_moe_layer(self, layer_id: int) -> bool:
-        return self.every_n_layers > 0 and (layer_id + 1) % self.every_n_layers == 0
+        return (self.every_n_layers > 0 and (layer_id + 1) % self.every_n_layers == 0
+                and layer_id >= self.first_k_dense and layer_id not in (self.dense_layers or ()))
 

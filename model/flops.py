@@ -6,10 +6,12 @@ so a faster implementation of the same model gets a higher MFU and never a padde
 
 Per token, forward = 2 x (activated matmul parameters) + causal attention; training =
 3 x forward (backward costs twice the forward). Activated matmul parameters per layer:
-attention wq, wk, wv, wo (4 D^2); an MoE layer's router (D x E), top_k SwiGLU experts
-(3 D F_e each) and its shared expert if any (3 D F_s); a dense layer's SwiGLU (3 D F); plus
-the output projection (D x V). The embedding lookup is not a matmul and is not counted.
-Causal attention: QK^T and AV cost 2 x 2 x D x c per token and layer, where c is the number
+attention wq, wo (D x H Dh each) and wk, wv (D x G Dh each: G key/value heads), which is
+4 D^2 for multi-head attention with Dh = D / H; an MoE layer's router (D x E), top_k SwiGLU
+experts (3 D F_e each), its shared expert if any (3 D F_s) and that expert's gate (D); a
+dense layer's SwiGLU (3 D F); plus the output projection (D x V). The embedding lookup, the
+q/k/v biases and the norms are not matmuls and are not counted there (total_params has them).
+Causal attention: QK^T and AV cost 2 x 2 x H Dh x c per token and layer, where c is the number
 of keys the token attends to, on average (S + 1) / 2 for a causal sequence of S tokens; the
 often-quoted 12 L D S (PaLM) counts the masked half too and overstates MFU for causal models.
 """
@@ -35,17 +37,21 @@ def model_cost(model: ModelConfig, moe: MoEConfig, seq_len: int) -> ModelCost:
     D, L, V = model.dim, model.n_layers, model.vocab_size
     n_moe = sum(moe.is_moe_layer(i) for i in range(L))
     n_dense = L - n_moe
-    attention = 4 * D * D
+    q_size, kv_size = model.n_heads * model.head_size, model.kv_heads * model.head_size
+    attention = 2 * D * q_size + 2 * D * kv_size
+    qk_norm = {"none": 0, "head": 2 * model.head_size, "proj": q_size + kv_size}[model.qk_norm]
+    attention_vectors = (q_size + 2 * kv_size) * model.qkv_bias + qk_norm  # biases, QK-norm gains
     expert = 3 * D * moe.expert_hidden
-    moe_dense = D * moe.num_experts + 3 * D * moe.shared_expert_hidden  # router, shared expert
+    shared = 3 * D * moe.shared_expert_hidden + D * moe.shared_expert_gate
+    moe_dense = D * moe.num_experts + shared  # router, shared expert and its gate
     dense_ffn = 3 * D * model.ffn_hidden
     head = D * V
     norms = (2 * L + 1) * D
     embedding = 0 if model.tie_embeddings else V * D
-    total = (L * attention + n_moe * (moe_dense + moe.num_experts * expert) + n_dense * dense_ffn
-             + head + norms + embedding)
+    total = (L * (attention + attention_vectors) + n_moe * (moe_dense + moe.num_experts * expert)
+             + n_dense * dense_ffn + head + norms + embedding)
     activated = L * attention + n_moe * (moe_dense + moe.top_k * expert) + n_dense * dense_ffn + head
-    attention_scores = L * 4 * D * (seq_len + 1) / 2
+    attention_scores = L * 4 * q_size * (seq_len + 1) / 2
     return ModelCost(total, activated, 3 * (2 * activated + attention_scores))
 
 

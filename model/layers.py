@@ -1,6 +1,7 @@
 """Dense building blocks of the transformer: RMSNorm, rotary attention, SwiGLU MLP.
 
-Shape legend: B batch, S sequence, D model dim, H heads, Dh head dim, F ffn hidden.
+Shape legend: B batch, S sequence (new tokens), D model dim, H query heads, G key/value heads,
+Dh head dim, F ffn hidden, P positions attended (the cache's and the new ones).
 """
 
 from __future__ import annotations
@@ -13,6 +14,19 @@ from model.config import ModelConfig
 from model.tp import LocalTP, TensorParallelComm
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2 over the last dim) + eps) * weight."""
+    if x.dtype == weight.dtype:
+        # torch's own (its fused _fused_rms_norm kernel, accumulating in fp32 for bf16
+        # input) instead of five elementwise passes each way; on CPU the same numbers as
+        # the lines below.
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    # Normalise in fp32: the mean of squares underflows in bf16.
+    x_f = x.float()
+    x_f = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + eps)
+    return x_f.type_as(x) * weight
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -20,15 +34,31 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == self.weight.dtype:
-            # torch's own (its fused _fused_rms_norm kernel, accumulating in fp32 for bf16
-            # input) instead of five elementwise passes each way; on CPU the same numbers as
-            # the lines below.
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # Normalise in fp32: the mean of squares underflows in bf16.
+        return rms_norm(x, self.weight, self.eps)
+
+
+class QKNorm(nn.Module):
+    """RMSNorm of the queries or the keys inside the tensor-parallel region (model.qk_norm).
+
+    head: over each head's features, x (B, S, H, Dh); one gain of Dh for every head, kept
+    whole on every tp rank, which holds other heads: `tp.enter` sums its gradient over them.
+    proj: over the whole projection, x (B, S, H * Dh); the gain is split with the heads and
+    the mean of squares divides the tp group's sum (`tp.all_reduce`) by the global size.
+    """
+
+    def __init__(self, size: int, eps: float, over: str):
+        super().__init__()
+        self.over, self.eps = over, eps
+        self.size = size  # global features of the normalised vector
+        self.weight = nn.Parameter(torch.ones(size))
+        self.tp: TensorParallelComm = LocalTP()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.over == "head":
+            return rms_norm(x, self.tp.enter(self.weight), self.eps)
         x_f = x.float()
-        x_f = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x_f.type_as(x) * self.weight
+        mean_square = self.tp.all_reduce(x_f.pow(2).sum(-1, keepdim=True)) / self.size
+        return (x_f * torch.rsqrt(mean_square + self.eps)).type_as(x) * self.weight
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,33 +84,61 @@ def apply_rotary(x_BHSDh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with rotary positions.
+    """Causal self-attention with rotary positions, grouped key/value heads (GQA), optional
+    q/k/v bias and QK-norm.
 
-    Tensor parallelism splits the heads: wq, wk, wv are column-parallel (each rank keeps the
-    rows of its heads), wo is row-parallel (the matching input columns); `tp.exit` sums the
-    partial outputs. Separate q/k/v matrices keep every shard one contiguous slice.
+    Tensor parallelism splits the heads, query and key/value alike: wq, wk, wv (and their
+    biases) are column-parallel (each rank keeps the rows of its heads), wo is row-parallel
+    (the matching input columns); `tp.exit` sums the partial outputs. Query head h reads
+    key/value head h // (H / G), so a rank's query heads read exactly its key/value heads.
+    Separate q/k/v matrices keep every shard one contiguous slice.
+
+    With a `cache` (incremental decoding, model.kv_cache), the S new tokens sit at positions
+    [start, start + S): their keys and values are written there and the queries attend to
+    every position before theirs.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads = cfg.n_heads  # heads on this rank: n_heads / tp after parallelisation
-        self.head_dim = cfg.dim // cfg.n_heads
-        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        # Heads on this rank: n_heads / tp and n_kv_heads / tp after parallelisation.
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        q_size, kv_size = cfg.n_heads * self.head_dim, cfg.kv_heads * self.head_dim
+        self.wq = nn.Linear(cfg.dim, q_size, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, kv_size, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, kv_size, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(q_size, cfg.dim, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = QKNorm(self.head_dim if per_head else q_size, cfg.norm_eps, cfg.qk_norm)
+            self.k_norm = QKNorm(self.head_dim if per_head else kv_size, cfg.norm_eps, cfg.qk_norm)
         self.tp: TensorParallelComm = LocalTP()
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache=None, start: int = 0) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         x_BSD = self.tp.enter(x_BSD)
-        q_BHSDh, k_BHSDh, v_BHSDh = (
-            w(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-            for w in (self.wq, self.wk, self.wv)
-        )
-        q_BHSDh = apply_rotary(q_BHSDh, cos[:S], sin[:S])
-        k_BHSDh = apply_rotary(k_BHSDh, cos[:S], sin[:S])
-        out_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, is_causal=True)
+        q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BSHDh = q.view(B, S, self.n_heads, self.head_dim)
+        k_BSGDh = k.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q_BSHDh, k_BSGDh = self.q_norm(q_BSHDh), self.k_norm(k_BSGDh)
+        cos, sin = cos[start : start + S], sin[start : start + S]
+        q_BHSDh = apply_rotary(q_BSHDh.transpose(1, 2), cos, sin)
+        k_BGPDh = apply_rotary(k_BSGDh.transpose(1, 2), cos, sin)
+        v_BGPDh = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        mask_SP, causal = None, S > 1
+        if cache is not None:
+            k_BGPDh, v_BGPDh = cache.update(k_BGPDh, v_BGPDh, start)
+            if start:  # causal, shifted: new token i sees positions <= start + i
+                P, causal = start + S, False
+                mask_SP = (torch.arange(P, device=q.device)
+                           <= torch.arange(start, P, device=q.device)[:, None]) if S > 1 else None
+        out_BHSDh = F.scaled_dot_product_attention(
+            q_BHSDh, k_BGPDh, v_BGPDh, attn_mask=mask_SP, is_causal=causal,
+            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.tp.exit(self.wo(out_BHSDh.transpose(1, 2).reshape(B, S, -1)))
 
 

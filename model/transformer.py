@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from model.config import RECOMPUTE, ModelConfig, MoEConfig
 from model.errors import check_choice
+from model.kv_cache import KVCache
 from model.layers import Attention, RMSNorm, SwiGLU, rotary_tables
 from model.moe import MoELayer, RouterOutput, build_moe
 
@@ -30,7 +31,8 @@ class ModelOutput:
     lm_loss: torch.Tensor | None
     """Mean cross-entropy over this rank's tokens."""
     aux_loss: torch.Tensor
-    """Load-balancing loss, mean over MoE layers, unscaled (1.0 = balanced); 0 without MoE."""
+    """Load-balancing loss, unscaled, in moe.aux_loss_form: per_layer, the mean over MoE layers
+    (1.0 = balanced); pooled, once over the layers pooled (top_k = balanced). 0 without MoE."""
     z_loss: torch.Tensor
     """Router z-loss, mean over MoE layers, unscaled."""
     expert_counts_LE: torch.Tensor
@@ -64,13 +66,13 @@ class Block(nn.Module):
         self.ffn = ffn
         self.recompute = "none"  # TransformerLM.set_recompute
 
-    def forward(self, h, cos, sin) -> tuple[torch.Tensor, RouterOutput | None]:
+    def forward(self, h, cos, sin, cache=None, start: int = 0) -> tuple[torch.Tensor, RouterOutput | None]:
         if self.recompute == "full" and torch.is_grad_enabled():
-            return _recomputed(self._forward, h, cos, sin)
-        return self._forward(h, cos, sin)
+            return _recomputed(self._forward, h, cos, sin, cache, start)
+        return self._forward(h, cos, sin, cache, start)
 
-    def _forward(self, h, cos, sin) -> tuple[torch.Tensor, RouterOutput | None]:
-        h = h + self.attention(self.attention_norm(h), cos, sin)
+    def _forward(self, h, cos, sin, cache, start) -> tuple[torch.Tensor, RouterOutput | None]:
+        h = h + self.attention(self.attention_norm(h), cos, sin, cache, start)
         if self.recompute == "ffn" and torch.is_grad_enabled():
             out, route = _recomputed(self._feed_forward, h)
         else:
@@ -96,7 +98,7 @@ class TransformerLM(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rotary_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rotary_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -104,11 +106,14 @@ class TransformerLM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for every matrix; the projections that write into the residual
-        stream (attention wo, FFN w2, experts' w2) scaled by 1/sqrt(2 * n_layers) (GPT-2)."""
+        stream (attention wo, FFN w2, experts' w2) scaled by 1/sqrt(2 * n_layers) (GPT-2);
+        biases 0, RMSNorm gains 1."""
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:  # RMSNorm gains
+            if name.endswith(".bias"):
+                p.zero_()
+            elif p.dim() == 1:  # RMSNorm gains
                 p.fill_(1.0)
             elif name.endswith(("wo.weight", "w2.weight", "w2_EFD")):
                 p.normal_(0.0, residual_std)
@@ -152,23 +157,39 @@ class TransformerLM(nn.Module):
         for layer, counts_E in zip(self.moe_layers(), counts_LE, strict=True):
             layer.router.update_bias(counts_E, rate)
 
+    def _aux_loss(self, routes: list[RouterOutput]) -> torch.Tensor:
+        """moe.aux_loss_form: the mean of the layers' own losses, or one over the pooled layers
+        (transformers' load_balancing_loss_func: f_e = choices of e per token, P_e = mean
+        probability, each averaged over the layers)."""
+        if self.moe_cfg.aux_loss_form == "per_layer":
+            return torch.stack([r.aux_loss for r in routes]).mean()
+        counts_LE = torch.stack([r.counts_E for r in routes]).float()
+        tokens = counts_LE.sum() / self.moe_cfg.top_k  # every layer routes the same tokens
+        prob_E = torch.stack([r.mean_prob_E for r in routes]).mean(0)
+        return self.moe_cfg.num_experts * torch.sum(counts_LE.sum(0) / tokens * prob_E)
+
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoELayer)]
 
-    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor | None = None,
+                cache: KVCache | None = None, start: int = 0) -> ModelOutput:
+        """Next-token logits (and losses, given targets) for tokens_BS. With a `cache`
+        (incremental decoding) the tokens sit at positions [start, start + S): their keys and
+        values are stored there and they attend to the cache's earlier positions too."""
         S = tokens_BS.shape[1]
-        if S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length ({S}) exceeds model.max_seq_len ({self.cfg.max_seq_len})")
+        if start + S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length ({start + S}) exceeds model.max_seq_len ({self.cfg.max_seq_len})")
         h_BSD = self.tok_embeddings(tokens_BS)
         routes: list[RouterOutput] = []
-        for block in self.layers:
-            h_BSD, route = block(h_BSD, self.rope_cos, self.rope_sin)
+        for i, block in enumerate(self.layers):
+            layer_cache = None if cache is None else cache.layer(i)
+            h_BSD, route = block(h_BSD, self.rope_cos, self.rope_sin, layer_cache, start)
             if route is not None:
                 routes.append(route)
         logits = self.output(self.norm(h_BSD)).float()
 
         zero = logits.new_zeros(())
-        aux = torch.stack([r.aux_loss for r in routes]).mean() if routes else zero
+        aux = self._aux_loss(routes) if routes else zero
         z = torch.stack([r.z_loss for r in routes]).mean() if routes else zero
         counts = torch.stack([r.counts_E for r in routes]) if routes else torch.zeros(0, 0, dtype=torch.long)
         entropy = torch.stack([r.entropy for r in routes]) if routes else logits.new_zeros(0)

@@ -1,8 +1,9 @@
 """Tensor parallelism as a transform: shard the dense weights, inject the region collectives.
 
-Attention splits its heads (wq, wk, wv column-parallel, wo row-parallel); the dense SwiGLU,
-and an MoE layer's shared expert, split their hidden units (w1, w3 column-parallel, w2
-row-parallel). The embedding, the output
+Attention splits its query and key/value heads (wq, wk, wv and their biases column-parallel,
+wo row-parallel; a QK-norm over the whole projection splits its gain with the heads, a
+per-head one is kept whole); the dense SwiGLU, and an MoE layer's shared expert, split their
+hidden units (w1, w3 column-parallel, w2 row-parallel). The embedding, the output
 projection, the norms and the router stay replicated: with the byte vocabulary (256) a
 vocabulary-parallel embedding and cross-entropy would save nothing and add two collectives;
 they pay off at 32k+ vocabularies. MoE experts are not split by tp: each tp rank dispatches
@@ -81,6 +82,20 @@ class _Gather(torch.autograd.Function):
         return _my_slice(grad, ctx.comm.rank, ctx.comm.size), None
 
 
+class _AllReduce(torch.autograd.Function):
+    """A sum over the group whose every term is also used rank-locally: each rank's backward
+    holds only its own part of the gradient of the sum, so the parts are summed as well."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return _all_reduce(x, comm.group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.comm.group), None
+
+
 class ProcessGroupTP:
     """model.tp.TensorParallelComm over a torch.distributed tensor-parallel group."""
 
@@ -95,6 +110,7 @@ class ProcessGroupTP:
             # imports torch._dynamo: 3 s of start-up in every process that never compiles.
             self.enter = torch.compiler.disable(self.enter)
             self.exit = torch.compiler.disable(self.exit)
+            self.all_reduce = torch.compiler.disable(self.all_reduce)
 
     def enter(self, x):
         return _Enter.apply(x, self)
@@ -110,16 +126,25 @@ class ProcessGroupTP:
     def gather(self, x):
         return _Gather.apply(x, self)
 
+    def all_reduce(self, x):
+        return _AllReduce.apply(x, self)
 
-def _shard_(linear: nn.Linear, dim: int, rank: int, size: int) -> None:
-    full = linear.weight.detach()
-    if full.shape[dim] % size:
-        raise ConfigError(f"{tuple(full.shape)} weight cannot be split {size} ways along dim {dim}")
-    piece = full.shape[dim] // size
-    shard = nn.Parameter(full.narrow(dim, rank * piece, piece).clone())
-    shard.tp_partition_dim = dim
-    shard.tensor_model_parallel = True
-    linear.weight = shard
+
+def _shard_(module: nn.Module, dim: int, rank: int, size: int) -> None:
+    """Keep this rank's slice of module.weight along `dim`, and of its bias if it has one
+    (a bias follows the output rows: only column-parallel modules, dim 0, may have one)."""
+    for name in ("weight", "bias"):
+        full = getattr(module, name, None)
+        if full is None:
+            continue
+        d = dim if name == "weight" else 0
+        if full.shape[d] % size:
+            raise ConfigError(f"{tuple(full.shape)} {name} cannot be split {size} ways along dim {d}")
+        piece = full.shape[d] // size
+        shard = nn.Parameter(full.detach().narrow(d, rank * piece, piece).clone())
+        shard.tp_partition_dim = d
+        shard.tensor_model_parallel = True
+        setattr(module, name, shard)
 
 
 def apply_tensor_parallel(model: nn.Module, topology: Topology, compiled: bool = False) -> None:
@@ -131,6 +156,11 @@ def apply_tensor_parallel(model: nn.Module, topology: Topology, compiled: bool =
     tp = topology.size("tp")
     if tp == 1:
         return
+    cfg = model.cfg
+    if cfg.n_heads % tp or cfg.kv_heads % tp:
+        raise ConfigError(
+            f"model.n_heads ({cfg.n_heads}) and the key/value heads, model.n_kv_heads "
+            f"({cfg.kv_heads}), must both be divisible by parallel.tp ({tp})")
     comm, rank = ProcessGroupTP(topology.groups["tp"], compiled), topology.coord("tp")
     for block in model.layers:
         attn = block.attention
@@ -138,7 +168,13 @@ def apply_tensor_parallel(model: nn.Module, topology: Topology, compiled: bool =
             _shard_(linear, 0, rank, tp)  # nn.Linear weight is (out, in): rows = output units
         _shard_(attn.wo, 1, rank, tp)
         attn.n_heads //= tp
+        attn.n_kv_heads //= tp
         attn.tp = comm
+        if attn.qk_norm != "none":
+            for norm in (attn.q_norm, attn.k_norm):
+                if norm.over == "proj":  # the gain follows the heads; "head": one gain, whole
+                    _shard_(norm, 0, rank, tp)
+                norm.tp = comm
         if isinstance(block.ffn, MoELayer):  # replicated router and experts, token slices
             block.ffn.tp = comm
             if block.ffn.shared is not None:

@@ -34,7 +34,8 @@ class MoELayer(nn.Module, ABC):
     Canonical weights (the same names and shapes in every backend, so checkpoints move
     between them): `router.weight` (E, D) and `experts.w1_EDF`, `experts.w3_EDF`,
     `experts.w2_EFD` on the global expert axis; with moe.shared_expert_hidden, the shared
-    expert `shared.w1/w3/w2` (a dense SwiGLU, common to every backend). Parallelism is applied
+    expert `shared.w1/w3/w2` (a dense SwiGLU, common to every backend), and with
+    moe.shared_expert_gate its gate `shared_gate.weight` (1, D). Parallelism is applied
     from outside: parallel.expert_parallel shards `experts` and calls
     `set_expert_parallel(comm)`; parallel.tensor_parallel sets `tp` and splits `shared` like a
     dense FFN. forward(x_BSD) returns (y_BSD, RouterOutput): the routed experts' output (the
@@ -45,9 +46,13 @@ class MoELayer(nn.Module, ABC):
         super().__init__()
         self.num_experts = cfg.num_experts
         self.router = TopKRouter(dim, cfg.num_experts, cfg.top_k, cfg.renormalizes,
-                                 expert_bias=cfg.bias_update_rate > 0)
+                                 expert_bias=cfg.has_expert_bias, score_func=cfg.score_func,
+                                 n_group=cfg.n_group, topk_group=cfg.topk_group,
+                                 scaling=cfg.routed_scaling_factor)
         self.experts = SwiGLUExperts(cfg.num_experts, dim, cfg.expert_hidden, cfg.expert_impl)
         self.shared = SwiGLU(dim, cfg.shared_expert_hidden) if cfg.shared_expert_hidden else None
+        # Replicated under tp: its input and its scalar per token are whole on every rank.
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
         self.tp: TensorParallelComm = LocalTP()
 
     @abstractmethod
@@ -62,7 +67,10 @@ class MoELayer(nn.Module, ABC):
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         y_BSD, route = self.routed(x_BSD)
         if self.shared is not None:
-            y_BSD = y_BSD + self.shared(x_BSD)
+            shared_BSD = self.shared(x_BSD)
+            if self.shared_gate is not None:
+                shared_BSD = torch.sigmoid(self.shared_gate(x_BSD)) * shared_BSD
+            y_BSD = y_BSD + shared_BSD
         return y_BSD, route
 
     def compile_kernels(self) -> None:

@@ -31,21 +31,44 @@ MOE = MoEConfig(num_experts=4, top_k=2, expert_hidden=16, every_n_layers=2,
                 aux_loss_coef=0.1, z_loss_coef=0.01)
 TRAIN = TrainConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.5)
 NATIVE = {f: getattr(MoEConfig, f) for f in ("backend", "drop_tokens", "use_rts")}
+# What HF families bring, all at once: grouped key/value heads (2 for 4 query heads), a head
+# size of 12 (not 32 / 4), q/k/v biases, QK-norm, sigmoid scores with a choice bias chosen
+# within 2 of 4 groups and scaled weights, a shared expert behind a sigmoid gate, a dense
+# first block, and transformers' pooled load-balancing loss.
+HF_CFG = dataclasses.replace(CFG, n_kv_heads=2, head_dim=12, qkv_bias=True)
+HF_MOE = MoEConfig(num_experts=8, top_k=2, expert_hidden=16, score_func="sigmoid", n_group=4,
+                   topk_group=2, expert_bias=True, routed_scaling_factor=2.0,
+                   shared_expert_hidden=24, shared_expert_gate=True, first_k_dense=1,
+                   aux_loss_form="pooled", aux_loss_coef=0.1, z_loss_coef=0.01)
 
 
-def _step(rank, world, dp, tp, ep, backend="native", recompute="none", shared=0):
-    """The reference is always the native backend on one process, keeping its activations;
-    `backend` is the layer the parallel model uses, loaded with the reference's (canonical)
-    weights, `recompute` its train.recompute (the collectives run again in backward) and
-    `shared` both models' moe.shared_expert_hidden."""
-    topo = Topology.create(Layout(world_size=world, dp=dp, ep=ep, tp=tp))
-    torch.manual_seed(0)
+def _configs(backend, shared, hf):
+    """(model, moe) configs: the plain ones, or with `hf` ("head" or "proj") the HF-family
+    features with that QK-norm."""
+    if hf:
+        return dataclasses.replace(HF_CFG, qk_norm=hf), HF_MOE
     moe = dataclasses.replace(MOE, shared_expert_hidden=shared)
     if backend == "deepspeed":  # dropless and deterministic; its aux loss differs for top-2
         moe = dataclasses.replace(moe, aux_loss_coef=0.0, backend="deepspeed", drop_tokens=False,
                                   use_rts=False)
-    ref = TransformerLM(CFG, dataclasses.replace(moe, **NATIVE))
-    model = TransformerLM(CFG, moe)
+    return CFG, moe
+
+
+def _step(rank, world, dp, tp, ep, backend="native", recompute="none", shared=0, hf=None):
+    """The reference is always the native backend on one process, keeping its activations;
+    `backend` is the layer the parallel model uses, loaded with the reference's (canonical)
+    weights, `recompute` its train.recompute (the collectives run again in backward),
+    `shared` both models' moe.shared_expert_hidden and `hf` the HF-family model's QK-norm."""
+    topo = Topology.create(Layout(world_size=world, dp=dp, ep=ep, tp=tp))
+    torch.manual_seed(0)
+    cfg, moe = _configs(backend, shared, hf)
+    shared = moe.shared_expert_hidden
+    ref = TransformerLM(cfg, dataclasses.replace(moe, **NATIVE))
+    with torch.no_grad():  # gains, biases and the expert bias away from 1 and 0
+        for name, t in [*ref.named_parameters(), *ref.named_buffers()] if hf else []:
+            if t.dim() == 1 and "rope" not in name:
+                t.add_(torch.randn(t.shape) * 0.1)
+    model = TransformerLM(cfg, moe)
     model.load_state_dict(ref.state_dict())
     model.set_recompute(recompute)
     calls = FeedForwardCalls(model)
@@ -53,6 +76,10 @@ def _step(rank, world, dp, tp, ep, backend="native", recompute="none", shared=0)
     apply_expert_parallel(model, topo)
     for layer in model.moe_layers():  # a shared expert is split by tp, not replicated
         assert layer.shared is None or layer.shared.w2.weight.shape == (CFG.dim, shared // tp)
+    if hf:  # query and key/value heads split alike; a whole-projection QK-norm's gain too
+        attn = model.layers[0].attention
+        assert (attn.n_heads, attn.n_kv_heads, attn.wk.bias.shape) == (4 // tp, 2 // tp, (24 // tp,))
+        assert attn.q_norm.weight.shape == ((48 // tp,) if hf == "proj" else (12,))
     tokens = torch.randint(0, 64, (dp, 4, 17), generator=torch.Generator().manual_seed(1))
     d = topo.coord("dp")
 
@@ -100,7 +127,9 @@ RECOMPUTED = [(2, 2, 2, "native", "full"), (4, 1, 4, "native", "ffn"), (4, 1, 2,
 # A shared expert (moe.shared_expert_hidden) split by tp 2 like a dense FFN, and beside
 # DeepSpeed's routed experts.
 SHARED = [(2, 2, 2, "native", "none", 24), (4, 1, 2, "deepspeed", "none", 24)]
-CASES += RECOMPUTED + SHARED
+HF_FEATURES = [(2, 2, 2, "native", "none", 0, "proj"), (4, 1, 4, "native", "none", 0, "proj"),
+               (2, 2, 2, "native", "none", 0, "head")]
+CASES += RECOMPUTED + SHARED + HF_FEATURES
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +173,17 @@ def test_shared_expert_step_equals_single_process_reference(results, case):
     """moe.shared_expert_hidden: the shared expert's weights split over the tp ranks (w1, w3
     by rows, w2 by columns) and its gradients reduced over all of dp as dense ones, next to
     expert-parallel routed experts, native and deepspeed; the step equals the reference."""
+    case_result(results, case)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", HF_FEATURES, ids=[f"dp{c[0]}-tp{c[1]}-ep{c[2]}-qk_norm_{c[6]}" for c in HF_FEATURES])
+def test_hf_family_features_step_equals_single_process_reference(results, case):
+    """GQA, head_dim, q/k/v biases, QK-norm (over each head: its gain's gradient summed over
+    the tp ranks; over the whole projection: the sum of squares all-reduced over them),
+    sigmoid grouped routing with a choice bias and scaling at ep, a gated shared expert and
+    a dense first block: logits, loss (pooled aux loss), every gradient, the clipped norm and
+    the parameters after a step equal the one-process reference."""
     case_result(results, case)
 
 

@@ -73,8 +73,6 @@ def test_yaml_unknown_key_and_wrong_type(tmp_path):
     (["--moe.backend=fast"], 4, r"moe.backend \('fast'\) must be one of: native, deepspeed, megablocks$"),
     (["--moe.capacity_factor=2"], 4,
      r"moe.capacity_factor \(2.0\) applies only to moe.backend deepspeed; the native backend is dropless"),
-    (["--moe.top_k=1", "--moe.renormalize=true"], 4,
-     r"moe.renormalize true with moe.top_k 1 makes every combine weight exactly 1: the router would get no gradient"),
     (["--moe.backend=deepspeed", "--moe.top_k=2", "--moe.renormalize=false"], 4,
      r"moe.backend deepspeed with moe.top_k 2 always uses renormalize=True; leave moe.renormalize unset"),
     (["--moe.backend=deepspeed", "--moe.noisy_gate_policy=rsample"], 4,
@@ -99,6 +97,29 @@ def test_yaml_unknown_key_and_wrong_type(tmp_path):
      r"backend DeepSpeed's gate chooses them"),
     (["--parallel.dp=null", "--parallel.tp=3", "--parallel.ep=1"], 4,
      r"WORLD_SIZE \(4\) must be divisible by parallel.tp \(3\)"),
+    # Attention and routing of HF families (model.n_kv_heads ... moe.dense_layers).
+    (["--model.n_kv_heads=3"], 4, r"model.n_heads \(4\) must be divisible by model.n_kv_heads \(3\)"),
+    (["--parallel.dp=1", "--parallel.tp=4", "--parallel.ep=1", "--model.n_kv_heads=2"], 4,
+     r"model.n_kv_heads \(2\) must be divisible by parallel.tp \(4\): tp splits the key/value "
+     r"heads as it splits model.n_heads \(4\)"),
+    (["--model.head_dim=15"], 4, r"the head size \(15: model.head_dim, or model.dim / model.n_heads\) must be even"),
+    (["--model.qk_norm=layer"], 4, r"model.qk_norm \('layer'\) must be one of: none, head, proj$"),
+    (["--moe.score_func=relu"], 4, r"moe.score_func \('relu'\) must be one of: softmax, sigmoid$"),
+    (["--moe.aux_loss_form=global"], 4, r"moe.aux_loss_form \('global'\) must be one of: per_layer, pooled$"),
+    (["--moe.shared_expert_gate=true"], 4, r"moe.shared_expert_gate true needs a shared expert"),
+    (["--moe.routed_scaling_factor=0"], 4, r"moe.routed_scaling_factor \(0.0\) must be > 0"),
+    (["--moe.n_group=3"], 4, r"moe.num_experts \(8\) must be divisible by moe.n_group \(3\) into groups of at least 2"),
+    (["--moe.n_group=8"], 4, r"moe.num_experts \(8\) must be divisible by moe.n_group \(8\) into groups of at least 2"),
+    (["--moe.n_group=4", "--moe.topk_group=5"], 4, r"moe.topk_group \(5\) must be between 1 and moe.n_group \(4\)"),
+    (["--moe.n_group=4", "--moe.topk_group=1", "--moe.top_k=3"], 4,
+     r"moe.top_k \(3\) exceeds the experts of moe.topk_group \(1\) groups of 2"),
+    (["--moe.backend=deepspeed", "--moe.score_func=sigmoid", "--moe.expert_bias=true"], 4,
+     r"moe.score_func \('sigmoid'\), moe.expert_bias \(True\) need our router to choose the experts"),
+    (["--moe.backend=deepspeed", "--moe.aux_loss_form=pooled"], 4,
+     r"moe.aux_loss_form \('pooled'\) needs our router to choose the experts"),
+    (["--moe.first_k_dense=-1"], 4, r"moe.first_k_dense \(-1\) must be >= 0"),
+    (["--moe.dense_layers=[0,0]"], 4, r"moe.dense_layers \(\[0, 0\]\) must list distinct block indices >= 0"),
+    (["--moe.dense_layers=1,4"], 4, r"moe.dense_layers \(\[1, 4\]\) names blocks \[4\] beyond model.n_layers \(4\)"),
     (["--parallel.dp=2", "--parallel.tp=2", "--parallel.ep=2", "--train.micro_batch_size=1",
       "--train.seq_len=3", "--model.max_seq_len=3"], 4,
      r"train.micro_batch_size x train.seq_len \(3\), must be divisible by parallel.tp \(2\)"),
@@ -111,6 +132,30 @@ def test_validation_messages_name_the_values(overrides, world, message):
     job = load_config(["--config", TINY, *overrides])
     with pytest.raises(ConfigError, match=message):
         job.validate(world_size=world)
+
+
+def test_lists_parse_from_the_cli_and_yaml(tmp_path):
+    """moe.dense_layers, a list of integers: `[1, 3]`, `1,3` or `[]` on the command line."""
+    for raw, want in (("[1, 3]", [1, 3]), ("1,3", [1, 3]), ("[]", []), ("null", None)):
+        assert load_config([f"--moe.dense_layers={raw}"]).moe.dense_layers == want
+    with pytest.raises(ConfigError, match=r"moe.dense_layers\[1\] must be an integer, got 'x'"):
+        load_config(["--moe.dense_layers=1,x"])
+    path = tmp_path / "c.yaml"
+    path.write_text("moe:\n  dense_layers: [0, 2]\n")
+    assert load_config(["--config", str(path)]).moe.dense_layers == [0, 2]
+    for value, message in (("2", r"moe.dense_layers must be a list of integers, got 2 \(int\)"),
+                           ("[0.5]", r"moe.dense_layers\[0\] must be an integer, got 0.5 \(float\)")):
+        path.write_text(f"moe:\n  dense_layers: {value}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_config(["--config", str(path)])
+
+
+def test_renormalized_top1_is_allowed():
+    """Mixtral at top_k 1: every combine weight is 1; allowed, and the docstring says what
+    the router then learns from."""
+    job = load_config(["--config", TINY, "--moe.top_k=1", "--moe.renormalize=true"])
+    job.validate(world_size=4)
+    assert job.moe.renormalizes
 
 
 def test_dp_is_derived_from_world_size_when_null():

@@ -83,6 +83,36 @@ def test_shared_expert_adds_a_dense_swiglu_to_the_routed_output(backend):
         torch.testing.assert_close(grad, want[name], msg=name)
 
 
+@pytest.mark.parametrize("backend", ["native", "deepspeed"])
+def test_gated_shared_expert_is_scaled_by_a_per_token_sigmoid(backend):
+    """moe.shared_expert_gate (Qwen2-MoE): y = routed(x) + sigmoid(x . g) * shared(x), the
+    same layer without the gate computed by hand; output and every gradient."""
+    cfg = dict(num_experts=4, top_k=2, expert_hidden=F, backend=backend, shared_expert_hidden=20)
+    if backend == "deepspeed":
+        cfg |= dict(drop_tokens=False, use_rts=False)
+    torch.manual_seed(0)
+    gated = build_moe(D, MoEConfig(**cfg, shared_expert_gate=True))
+    for p in gated.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    plain = build_moe(D, MoEConfig(**cfg))
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "shared_gate.weight"})
+    gate = gated.shared_gate.weight.detach().clone().requires_grad_()
+    x = torch.randn(3, 5, D)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y, _ = gated(xs[0])
+    routed, _ = plain.routed(xs[1])
+    want = routed + torch.sigmoid(xs[1] @ gate.T) * plain.shared(xs[1])
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    y.backward(g)
+    want.backward(g)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    torch.testing.assert_close(gated.shared_gate.weight.grad, gate.grad)
+    for (name, p), q in zip(plain.named_parameters(), [p for n, p in gated.named_parameters()
+                                                       if n != "shared_gate.weight"]):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
 def _assert_same_layer(a, b, x, grad=None) -> None:
     """a and b give the same output, input gradient and parameter gradients on x (fp32, up to
     summation order); grad None backpropagates from `.sum()`, a broadcast (zero-stride) one."""

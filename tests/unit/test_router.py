@@ -9,11 +9,11 @@ from model.moe.router import TopKRouter
 
 
 def _router_with_logits(logits_TE: torch.Tensor, top_k: int, renormalize: bool,
-                        expert_bias: bool = False) -> tuple[TopKRouter, torch.Tensor]:
+                        expert_bias: bool = False, **kwargs) -> tuple[TopKRouter, torch.Tensor]:
     """A router whose logits equal `logits_TE` exactly: x = identity rows, weight = logits^T."""
     T, E = logits_TE.shape
     router = TopKRouter(dim=T, num_experts=E, top_k=top_k, renormalize=renormalize,
-                        expert_bias=expert_bias)
+                        expert_bias=expert_bias, **kwargs)
     with torch.no_grad():
         router.weight.copy_(logits_TE.T)
     return router, torch.eye(T)
@@ -144,3 +144,34 @@ def test_expert_bias_is_state_and_stays_fp32_when_the_module_is_cast():
     router.bfloat16()  # as some DeepSpeed versions do in bf16 mode
     assert router.weight.dtype == torch.bfloat16
     assert router.expert_bias.dtype == torch.float32 and torch.equal(router.expert_bias, want)
+
+
+# Eight experts in four groups of two: {0, 1} {2, 3} {4, 5} {6, 7}.
+GROUPED = torch.tensor([[3.0, -4.0, 2.0, 1.5, 2.5, -4.0, 0.0, 0.0],
+                        [0.0, 0.0, 1.0, 1.0, -1.0, 2.0, 1.5, 1.5]])
+
+
+def test_sigmoid_scores_with_groups_bias_and_scaling_by_hand():
+    """DeepSeek-V3's router: sigmoid scores; a group scores by the sum of its two best
+    (score + bias); a token chooses its top_k among its topk_group best groups by score +
+    bias; the weights are the chosen unbiased scores, renormalised, times the scaling."""
+    router, x = _router_with_logits(GROUPED, top_k=2, renormalize=True, expert_bias=True,
+                                    score_func="sigmoid", n_group=4, topk_group=2, scaling=2.5)
+    router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.6]))
+    out = router(x)
+    s = GROUPED.sigmoid()
+    # Token 0, groups by score: {2,3} 1.70, {0,1} 0.97, {4,5} 0.94, {6,7} 1.0 + 0.6 = 1.60.
+    # Experts 0 (score .95) and 4 (.92) are out with their groups: 2 (.88) and 7 (.5 + .6).
+    # Token 1, groups: {6,7} 1.64 + 0.6, {2,3} 1.46, {4,5} 1.15, {0,1} 1.0: experts 7 then 6.
+    assert [sorted(r) for r in out.topk_idx_TK.tolist()] == [[2, 7], [6, 7]]
+    for t, chosen in enumerate(out.topk_idx_TK.tolist()):
+        want = s[t, chosen] / s[t, chosen].sum() * 2.5
+        assert out.topk_weight_TK[t].tolist() == pytest.approx(want.tolist(), rel=1e-6)
+    p = s / s.sum(-1, keepdim=True)  # the aux loss's P: each token's scores normalised
+    assert out.mean_prob_E.tolist() == pytest.approx(p.mean(0).tolist(), rel=1e-6)
+
+
+def test_top1_renormalised_weights_are_one():
+    """moe.renormalize at top_k 1 (Mixtral at k = 1): the weight is exactly 1."""
+    router, x = _router_with_logits(LOGITS, top_k=1, renormalize=True)
+    assert router(x).topk_weight_TK.flatten().tolist() == [1.0, 1.0, 1.0]
