@@ -42,6 +42,11 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        # The dotted keys the YAML file or the command line set (not a field: it is not part of
+        # the resolved config). A model from an HF directory fills the keys left out of it.
+        self.explicit: set[str] = set()
+
     def validate(self, world_size: int) -> Layout:
         """Check every section and what spans them; returns the parallel layout."""
         for f in dataclasses.fields(self):
@@ -172,6 +177,7 @@ def _set(job: JobConfig, dotted: str, value: Any, from_cli: bool) -> None:
     if key not in hints:
         raise ConfigError(f"unknown config key {dotted!r}{_suggest(key, hints, section_name + '.')}")
     setattr(section, key, _coerce(dotted, value, hints[key], from_cli))
+    job.explicit.add(dotted)
 
 
 def _suggest(name: str, known, prefix: str = "") -> str:
