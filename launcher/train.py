@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from checkpoint.hf.export import choose_family, export_checkpoint, open_run_checkpoint
+from checkpoint.hf.start import HFStart, load_hf_weights, start_from_hf
 from checkpoint.load import load_weights
 from checkpoint.reader import Checkpoint
 from checkpoint.select import Found, choose, find_checkpoints
@@ -73,12 +75,14 @@ class Prepared:
     corpus: Corpus
     data: RankData
     found: Found
+    hf: HFStart | None = None  # checkpoint.init_from=hf:PATH, opened and checked
 
 
 def prepare(argv: list[str], env: DistEnv) -> Prepared:
     """All input checks, no collectives: config, layout, backend, run dir, the checkpoint to
     resume or start from (opened, and checked against the run), data."""
     job = load_config(argv)
+    hf = start_from_hf(job)  # fills the model and MoE sections from config.json first
     layout = job.validate(env.world_size)
     backend = choose_backend(job.parallel.backend)
     if backend == "nccl":
@@ -86,12 +90,23 @@ def prepare(argv: list[str], env: DistEnv) -> Prepared:
     check_moe_backend(job.moe.backend, backend)
     run_dir = Path(job.logging.run_dir)
     check_writable(run_dir)
-    found = find_checkpoints(job, run_dir)
+    found = Found(None) if hf else find_checkpoints(job, run_dir)
+    if job.checkpoint.export_hf:
+        check_export(job, hf)
     if job.checkpoint.resume and job.checkpoint.resume != "auto" and found.checkpoints:
         check_steps(found.checkpoints[0], job)
     corpus = load_corpus(job.data)
     data = rank_data(corpus, job.train, job.model.vocab_size, layout.coords(env.rank)["dp"], layout.dp)
-    return Prepared(job, layout, backend, corpus, data, found)
+    return Prepared(job, layout, backend, corpus, data, found, hf)
+
+
+def check_export(job: JobConfig, hf: HFStart | None) -> None:
+    """checkpoint.export_hf is refused now, not after training: an export directory that
+    holds something, a model no HF family can express."""
+    out = Path(job.checkpoint.export_hf)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"checkpoint.export_hf ({out}) exists and is not empty")
+    choose_family(job.model, job.moe, hf.hf.config.get("model_type") if hf else None)
 
 
 def check_writable(run_dir: Path) -> None:
@@ -116,16 +131,20 @@ def check_steps(ckpt: Checkpoint, job: JobConfig) -> None:
 
 
 def build_model(job: JobConfig, topology: Topology, device: torch.device,
-                init_from: Checkpoint | None = None) -> TransformerLM:
-    """The same seed on every rank gives the same full model; tp and ep then keep slices."""
+                init_from: Checkpoint | HFStart | None = None) -> TransformerLM:
+    """The same seed on every rank gives the same full model; tp and ep then keep slices.
+    Our checkpoints fill the whole model before; an HF directory fills each rank's slices
+    after (collective)."""
     torch.manual_seed(job.train.seed)
     model = TransformerLM(job.model, job.moe)
-    if init_from is not None:
+    if isinstance(init_from, Checkpoint):
         for note in load_weights(init_from, model):
             if topology.rank == 0:
                 print(f"init_from: {note}", flush=True)
     apply_tensor_parallel(model, topology, compiled=job.train.compile)
     apply_expert_parallel(model, topology)
+    if isinstance(init_from, HFStart):
+        load_hf_weights(init_from, model, topology)
     model.set_recompute(job.train.recompute)
     if job.train.compile:
         model.compile_modules()
@@ -160,10 +179,13 @@ def run(argv: list[str]) -> dict:
             print(f"topology: {topology.describe()}")
         report_placement(env, run_dir)
         device = device_for(p.backend, env.local_rank)
-        model = build_model(job, topology, device, ckpt if job.checkpoint.init_from else None)
-        if env.rank == 0 and job.checkpoint.init_from:
-            print(f"weights from {ckpt.path} (step {ckpt.step}); optimizer and step start fresh")
+        init = p.hf or (ckpt if job.checkpoint.init_from else None)
+        model = build_model(job, topology, device, init)
+        if env.rank == 0 and init is not None:
+            where = f"{p.hf.path} ({p.hf.hf.config['model_type']})" if p.hf else f"{ckpt.path} (step {ckpt.step})"
+            print(f"weights from {where}; optimizer and step start fresh")
         trainer = Trainer(job, model, topology, device, p.data, env.local_rank)
+        trainer.model_source = p.hf.hf.record() if p.hf else init.meta.get("model_source") if init else None
         if env.rank == 0:
             compiled = ", torch.compile per module" if job.train.compile else ""
             recompute = (f", recompute {job.train.recompute} in backward"
@@ -175,7 +197,6 @@ def run(argv: list[str]) -> dict:
         if env.rank == 0:
             print(done_message(summary, run_dir), flush=True)
         barrier()  # nobody tears the group down while a peer is still in a collective
-        return summary
     except CollectiveError as exc:
         silent = heartbeat.silent_ranks() if heartbeat else None
         raise CollectiveError(f"{exc}\n{silent}" if silent else str(exc)) from None
@@ -185,6 +206,12 @@ def run(argv: list[str]) -> dict:
         if lock is not None:
             lock.release()
         shutdown_distributed()
+    if job.checkpoint.export_hf and env.rank == 0:  # one process reads the final checkpoint
+        out = export_checkpoint(open_run_checkpoint(summary.get("checkpoint") or run_dir / "checkpoints"),
+                                job.checkpoint.export_hf,
+                                progress=job.logging.progress)
+        print(f"exported the final weights as an HF directory: {out}", flush=True)
+    return summary
 
 
 def done_message(summary: dict, run_dir: Path) -> str:

@@ -138,7 +138,13 @@ class CheckpointConfig:
     a fresh start when there is none). Any parallel layout may load it."""
     init_from: str | None = None
     """Start from the model weights of this checkpoint (any layout), with a fresh optimizer
-    and step 0: fine-tuning. Excludes resume."""
+    and step 0: fine-tuning. Excludes resume. hf:PATH starts from an HF model directory
+    (config.json, safetensors): its config.json gives the model and MoE sections' values
+    (one set here must agree with it), each rank reads only its own slices (docs/hf.md)."""
+    export_hf: str | None = None
+    """At the end of the run, write the final weights as an HF directory here (absent or
+    empty; needs save_final): the family the run started from, else the first that can
+    express the model; the tokenizer files of an hf: start go along. Same as moe-export."""
 
     def validate(self) -> None:
         for name in ("interval", "keep_last"):
@@ -146,10 +152,15 @@ class CheckpointConfig:
                 raise ConfigError(f"checkpoint.{name} ({getattr(self, name)}) must be >= 0")
         for name in ("resume", "init_from"):
             value = getattr(self, name)
+            if name == "init_from" and value is not None and value.startswith("hf:"):
+                continue  # an HF directory: checkpoint/hf/start.py opens and checks it
             if value is not None and value != "auto" and not Path(value).is_dir():
                 raise ConfigError(f"checkpoint.{name} ({value}) is not a checkpoint directory")
         if self.init_from == "auto":
             raise ConfigError("checkpoint.init_from (auto) must be a path; auto is for resume")
+        if self.export_hf is not None and not self.save_final:
+            raise ConfigError(f"checkpoint.export_hf ({self.export_hf}) exports the final "
+                              "checkpoint: it needs checkpoint.save_final true")
         if self.resume is not None and self.init_from is not None:
             raise ConfigError(f"checkpoint.resume ({self.resume}) and checkpoint.init_from "
                               f"({self.init_from}) exclude each other")

@@ -96,6 +96,9 @@ class Trainer:
         # Data position: global samples seen at step `origin_step` (both 0 unless resumed).
         self.origin_step, self.origin_samples = 0, 0
         self.resumed_from: Path | None = None
+        # Where the model came from (an HF directory: checkpoint/hf/hf_dir.py HFDir.record),
+        # kept in every checkpoint's meta for export and the tokenizer check.
+        self.model_source: dict | None = None
         self.last_saved_step: int | None = None
         self.last_heatmap = 0
         self.history: list[dict] = []  # eval losses
@@ -234,6 +237,8 @@ class Trainer:
                 "tokens_seen": self.samples_seen * self.cfg.seq_len,
                 "layout": vars(self.topology.layout), "zero_stage": self.job.parallel.zero_stage,
                 "moe_backend": self.job.moe.backend, "config": self.job.to_dict()}
+        if self.model_source is not None:
+            meta["model_source"] = self.model_source
         path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.stepper,
                                self.topology, meta, self.job.checkpoint.keep_last, self.resumed_from)
         self.last_saved_step = self.step
@@ -247,6 +252,7 @@ class Trainer:
         self.step = self.origin_step = self.last_saved_step = meta["step"]
         self.origin_samples = meta["samples_seen"]
         self.resumed_from = ckpt.path
+        self.model_source = meta.get("model_source")
         if self.is_main:
             rng = ("restored" if meta["rng_restored"] else
                    f"not restored (saved by {meta['layout']['world_size']} ranks, now "
