@@ -10,6 +10,8 @@ caller may rewind (decode again from an earlier position) by passing a smaller s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -49,15 +51,29 @@ class KVCache:
 
 
 @torch.no_grad()
-def greedy_generate(model: nn.Module, prompt_BS: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """prompt_BS followed by max_new_tokens tokens, each the argmax of the model's logits:
-    one forward over the prompt fills the cache, then one forward per new token."""
+def generate(model: nn.Module, prompt_BS: torch.Tensor, max_new_tokens: int,
+             pick: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             stop_id: int | None = None) -> torch.Tensor:
+    """prompt_BS followed by up to max_new_tokens tokens, each `pick(last logits)` (B, 1)
+    (default: the argmax): one forward over the prompt fills the cache, then one forward per
+    new token. Stops early once every sequence has produced `stop_id`."""
     B, S = prompt_BS.shape
     cache = KVCache(model, B, S + max_new_tokens)
+    pick = pick or (lambda logits_BV: logits_BV.argmax(-1, keepdim=True))
     tokens_BS, start, new_BS = prompt_BS, 0, prompt_BS
+    done_B = torch.zeros(B, dtype=torch.bool, device=prompt_BS.device)
     for _ in range(max_new_tokens):
         logits = model(new_BS, cache=cache, start=start).logits
         start += new_BS.shape[1]
-        new_BS = logits[:, -1].argmax(-1, keepdim=True)
+        new_BS = pick(logits[:, -1]).to(prompt_BS.dtype)
         tokens_BS = torch.cat([tokens_BS, new_BS], dim=1)
+        if stop_id is not None:
+            done_B |= new_BS[:, 0] == stop_id
+            if bool(done_B.all()):  # a host sync per token, only with a stop_id
+                break
     return tokens_BS
+
+
+def greedy_generate(model: nn.Module, prompt_BS: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """prompt_BS followed by max_new_tokens tokens, each the argmax of the model's logits."""
+    return generate(model, prompt_BS, max_new_tokens)
