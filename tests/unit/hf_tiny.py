@@ -79,3 +79,25 @@ def ours_from(hf_model, state: dict[str, torch.Tensor]):
     ours = TransformerLM(model_cfg, moe_cfg)
     ours.load_state_dict(hf_to_ours(family, state, model_cfg, moe_cfg))
     return ours.eval(), family, model_cfg, moe_cfg
+
+
+def tiny_script():
+    """scripts/tiny_hf_model.py as a module: its writer of both expert layouts, its builder."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "tiny_hf_model.py"
+    spec = importlib.util.spec_from_file_location("tiny_hf_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_dirs(hf_model, root, per_expert_shard: str = "40KB") -> dict[str, object]:
+    """`hf_model` written in both expert layouts under root/per_expert (save_pretrained, in
+    several shards with an index) and root/fused (one file); layout -> directory."""
+    script = tiny_script()
+    dirs = {layout: root / layout for layout in script.LAYOUTS}
+    script.save(hf_model, dirs["per_expert"], "per_expert", per_expert_shard)
+    script.save(hf_model, dirs["fused"], "fused")
+    return dirs
