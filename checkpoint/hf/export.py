@@ -177,8 +177,11 @@ def write_hf_dir(out: str | Path, config: dict, table: Table, fetch: Callable[[s
         if out.exists():
             out.rmdir()
         os.replace(staging, out)
-    except OSError as exc:
-        raise StorageError(write_failure(staging, exc)) from None
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)  # OUT stays absent: nothing half-written
+        if isinstance(exc, OSError):
+            raise StorageError(write_failure(staging, exc)) from None
+        raise
     finally:
         bar.close()
     return out
