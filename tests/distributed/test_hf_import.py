@@ -185,6 +185,7 @@ def test_import_then_export_is_bitwise_and_transformers_loads_it(results, hf_roo
 
     from checkpoint.hf import FAMILIES as BY_TYPE
     from checkpoint.hf.export import export_checkpoint
+    from checkpoint.hf.hf_dir import open_hf_dir
     from checkpoint.reader import open_checkpoint
 
     original = _files(hf_root / family / layout)
@@ -200,6 +201,7 @@ def test_import_then_export_is_bitwise_and_transformers_loads_it(results, hf_roo
         for name, t in original.items():
             assert exported[name].dtype == t.dtype and torch.equal(exported[name], t), (out.name, name)
         assert (out / "model.safetensors.index.json").is_file()  # 30 kB shards: several files
+        assert set(open_hf_dir(out).source.names()) == original.keys()  # the index matches the files
         family_of = BY_TYPE[family]
         assert family_of.config_from_hf(json.loads((out / "config.json").read_text())) == \
             family_of.config_from_hf(config)
