@@ -56,6 +56,16 @@ def code_for(exc: BaseException) -> int:
     return UNEXPECTED
 
 
+def tool_failure(prog: str, exc: Exception) -> int:
+    """The exit code of a one-process tool (moe-export, moe-generate) that failed with `exc`,
+    having said why; an unexpected error (a bug) is raised again, with its traceback."""
+    code = code_for(exc)
+    if code == UNEXPECTED:
+        raise exc
+    print(f"{prog}: {MEANING[code]}: {exc}", file=sys.stderr)
+    return code
+
+
 def describe(code: int) -> str:
     return f"exit code {code}: {MEANING.get(code, 'killed by a signal' if code < 0 else 'unknown')}"
 

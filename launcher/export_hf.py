@@ -57,11 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                                 None if args.dtype == "auto" else getattr(torch, args.dtype),
                                 args.tokenizer, not args.no_tokenizer, not args.no_progress)
     except Exception as exc:  # noqa: BLE001 - every failure gets its exit code
-        code = exit_codes.code_for(exc)
-        if code == exit_codes.UNEXPECTED:
-            raise
-        print(f"moe-export: {exit_codes.MEANING[code]}: {exc}", file=sys.stderr)
-        return code
+        return exit_codes.tool_failure("moe-export", exc)
     print(f"exported {ckpt.path} (step {ckpt.step}) to {out}")
     return exit_codes.OK
 

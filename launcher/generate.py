@@ -139,11 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lines = run(args)
     except Exception as exc:  # noqa: BLE001 - every failure gets its exit code
-        code = exit_codes.code_for(exc)
-        if code == exit_codes.UNEXPECTED:
-            raise
-        print(f"moe-generate: {exit_codes.MEANING[code]}: {exc}", file=sys.stderr)
-        return code
+        return exit_codes.tool_failure("moe-generate", exc)
     separator = "\n" if args.ids else "\n" + "-" * 40 + "\n"
     print(separator.join(lines))
     return exit_codes.OK
