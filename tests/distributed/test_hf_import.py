@@ -4,7 +4,7 @@ transformers on the same weights; export gives the files back bit for bit.
 For each family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) and expert layout (save_pretrained's
 per-expert keys in several shards with an index; transformers' fused tensors in one file),
 each rank goes the way launcher.train goes (load_config, start_from_hf, validate,
-build_model: each rank reads only its blocks) and then computes on dp rank d's batch: logits
+build_model: each rank reads exactly the elements it holds) and then computes on dp rank d's batch: logits
 and loss equal transformers' on that batch, and every gradient, reduced over the layout and
 gathered to global shape, equals transformers' gradient of the dp-averaged loss. fp32
 tolerance: the largest error within REL of the reference tensor's largest magnitude.
@@ -64,6 +64,24 @@ def _trainer(rank, world, job, start):
     return trainer
 
 
+class _Counting:
+    """A TensorSource counting the elements its reads return."""
+
+    def __init__(self, source):
+        self.source, self.elements = source, 0
+
+    def names(self):
+        return self.source.names()
+
+    def shape(self, name):
+        return self.source.shape(name)
+
+    def read(self, name, index):
+        out = self.source.read(name, index)
+        self.elements += out.numel()
+        return out
+
+
 _REFERENCES = {}
 
 
@@ -86,9 +104,16 @@ def _import(rank, world, root, family, layout, dp, tp, ep):
 
     job = _job(root, family, layout, dp, tp, ep, f"{family}-{layout}-dp{dp}-tp{tp}-ep{ep}")
     start = start_from_hf(job)
+    start.hf.source = counting = _Counting(start.hf.source)
     trainer = _trainer(rank, world, job, start)
     path = trainer.save()
     model, topo = trainer.model.eval(), trainer.topology
+    # Each rank read exactly the elements it holds (tp splits whole heads, so the rotary
+    # relabelling reads no row beyond them): under ep and tp, never the whole model.
+    held = sum(p.numel() for p in model.parameters())
+    assert counting.elements == held, (counting.elements, held)
+    if world > 1:
+        assert held < sum(np.prod(counting.shape(n)) for n in counting.names())
 
     ref = _reference(root, family)
     ref.zero_grad()
