@@ -44,14 +44,18 @@ def check_compatible(ckpt: Checkpoint, job) -> None:
                               f"{diff[1]} in the checkpoint and {diff[2]} here")
     if not job.checkpoint.resume:
         return
-    theirs, ours = saved.get("moe", {}).get("bias_update_rate", 0.0), job.moe.bias_update_rate
-    if (theirs > 0) != (ours > 0):
+    moe = saved.get("moe", {})
+    theirs = bool(moe.get("expert_bias", False)) or moe.get("bias_update_rate", 0.0) > 0
+    if theirs != job.moe.has_expert_bias:
         # The rate may change; the bias must not appear or vanish in a resumed run (init_from
         # may: a new bias starts at zero, an unused one is reported by load_weights).
         raise CheckpointError(
-            f"cannot resume from {ckpt.path}: moe.bias_update_rate is {theirs} in the checkpoint "
-            f"and {ours} here, so the routers' expert bias would "
-            + ("be dropped (its routing would change)" if theirs > 0 else "be missing from it")
+            f"cannot resume from {ckpt.path}: the routers keep an expert bias in the checkpoint "
+            f"(moe.expert_bias {moe.get('expert_bias', False)}, moe.bias_update_rate "
+            f"{moe.get('bias_update_rate', 0.0)}) and {'do not' if theirs else 'do'} here "
+            f"(moe.expert_bias {job.moe.expert_bias}, moe.bias_update_rate "
+            f"{job.moe.bias_update_rate}), so the bias would "
+            + ("be dropped (its routing would change)" if theirs else "be missing from it")
             + f"; --checkpoint.init_from={ckpt.path} starts from its weights instead")
     diff = first_difference(saved, job, DATA_ORDER, default_ours=True)
     if diff:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.config import RECOMPUTE
+from model.config import check_recompute
 from model.errors import ConfigError, check_choice, check_positive
 
 DATA_SOURCES = ("stdlib", "text", "tokens")
@@ -85,7 +85,7 @@ class TrainConfig:
                 f"({self.grad_clip}) must be >= 0"
             )
         check_choice("train.precision", self.precision, PRECISIONS)
-        check_choice("train.recompute", self.recompute, RECOMPUTE)
+        check_recompute(self.recompute)
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} ({getattr(self, name)}) must be in [0, 1)")

@@ -297,9 +297,14 @@ def test_resuming_with_another_sample_order_is_refused_but_init_from_is_not(save
         check_compatible(ckpt, load_config(["--config", TINY, *SMALL, override, f"--checkpoint.init_from={ckpt.path}"]))
     # the routers' expert bias may not appear in a resumed run; init_from starts it at zero
     job = load_config(["--config", TINY, *SMALL, "--moe.bias_update_rate=0.001", "--checkpoint.resume=auto"])
-    with pytest.raises(CheckpointError, match=r"cannot resume from .*step_00000002: moe.bias_update_rate is 0.0 "
-                       r"in the checkpoint and 0.001 here, so the routers' expert bias would be missing"):
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*step_00000002: the routers keep an expert "
+                       r"bias in the checkpoint \(moe.expert_bias False, moe.bias_update_rate 0.0\) and do here "
+                       r"\(moe.expert_bias False, moe.bias_update_rate 0.001\), so the bias would be missing"):
         check_compatible(ckpt, job)
+    # a fixed bias (moe.expert_bias, e.g. an imported DeepSeek-V3 router's) counts as a bias too
+    with pytest.raises(CheckpointError, match=r"moe.expert_bias True, moe.bias_update_rate 0.0\), so the bias would"):
+        check_compatible(ckpt, load_config(["--config", TINY, *SMALL, "--moe.expert_bias=true",
+                                            "--checkpoint.resume=auto"]))
     check_compatible(ckpt, load_config(["--config", TINY, *SMALL, "--moe.bias_update_rate=0.001",
                                   f"--checkpoint.init_from={ckpt.path}"]))
     # a layout or batch change keeps the order (the position is counted in samples)
