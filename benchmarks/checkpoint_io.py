@@ -90,14 +90,16 @@ def main() -> None:
         print(f"measuring {case} ...", file=sys.stderr, flush=True)
         scratch = tempfile.mkdtemp(prefix="ckpt_io_", dir=args.scratch)
         try:
-            per_rank = run_distributed(worker, WORLD, (CASES[case], args.reps, args.warmup, scratch), timeout_s=args.timeout)
+            per_rank = run_distributed(worker, WORLD, (CASES[case], args.reps, args.warmup, scratch),
+                                       timeout_s=args.timeout)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         rows += summarize(case, per_rank)
         warmups[case] = per_rank[0]["warmup"]
     report = {"command": command, "started": started, "load_average_before": load_before,
               "load_average_after": os.getloadavg(), "cpus": os.cpu_count(), "machine": machine(),
-              "world_size": WORLD, "reps": args.reps, "warmup": args.warmup, "cases": {c: BASE + CASES[c] for c in args.cases},
+              "world_size": WORLD, "reps": args.reps, "warmup": args.warmup,
+              "cases": {c: BASE + CASES[c] for c in args.cases},
               "rows": rows, "warmup_reps_rank0": warmups}
     write(report, Path(args.out))
 
@@ -126,7 +128,8 @@ def summarize(case: str, per_rank: list[dict]) -> list[dict]:
                 row[f"load_{cache}_s_all"] = times
                 row[f"resident_{cache}"] = reps[0][save]["load"][name][cache]["resident"] if loads else None
             # what every rank read, summed (ours: the files holding its pieces; others: its own)
-            row["bytes_read"] = sum(p["reps"][0][save]["load"][name]["bytes_read"] for p in per_rank) if loads else None
+            row["bytes_read"] = (sum(p["reps"][0][save]["load"][name]["bytes_read"] for p in per_rank)
+                                 if loads else None)
             if save == "ours" and saving:
                 row["sha256_s"] = median([r[save]["sha256_s"] for r in reps])
                 row["manifest_s"] = median([r[save]["manifest_s"] for r in reps])
@@ -142,9 +145,10 @@ def summarize(case: str, per_rank: list[dict]) -> list[dict]:
 
 
 COLUMNS = [("case", "case", "{}", 15), ("variant", "variant", "{}", 15),
-           ("state MB", "state_bytes", "{:.1f}", 10, 1e-6), ("written MB", "bytes_written", "{:.1f}", 11, 1e-6),
-           ("read MB", "bytes_read", "{:.1f}", 9, 1e-6),
-           ("save s", "save_s", "{:.3f}", 8), ("GB/s", "save_gbps", "{:.3f}", 7), ("x torch", "save_vs_torch", "{:.2f}", 8),
+           ("state MB", "state_bytes", "{:.1f}", 10, 1e-6),
+           ("written MB", "bytes_written", "{:.1f}", 11, 1e-6), ("read MB", "bytes_read", "{:.1f}", 9, 1e-6),
+           ("save s", "save_s", "{:.3f}", 8), ("GB/s", "save_gbps", "{:.3f}", 7),
+           ("x torch", "save_vs_torch", "{:.2f}", 8),
            ("warm load s", "load_warm_s", "{:.3f}", 12), ("GB/s", "load_warm_gbps", "{:.3f}", 7),
            ("x torch", "load_warm_vs_torch", "{:.2f}", 8),
            ("cold load s", "load_cold_s", "{:.3f}", 12), ("GB/s", "load_cold_gbps", "{:.3f}", 7),
@@ -186,8 +190,8 @@ def resident_fraction(files: list[Path]) -> float | None:
     """The fraction of the files' pages in the page cache (util-linux fincore), None without it."""
     if not files or shutil.which("fincore") is None:
         return None
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "PAGES,SIZE", *map(str, files)],
-                         capture_output=True, text=True, check=True).stdout.split()
+    cmd = ["fincore", "--bytes", "--noheadings", "--raw", "--output", "PAGES,SIZE", *map(str, files)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
     page = os.sysconf("SC_PAGE_SIZE")
     pages, total = sum(map(int, out[0::2])), sum(-(-int(size) // page) for size in out[1::2])
     return round(pages / total, 4) if total else None

@@ -64,7 +64,8 @@ def check_equal(got: dict, want: dict, what: str) -> None:
         raise RuntimeError(f"{what}: keys differ: {sorted(set(got) ^ set(want))[:4]}")
     bad = [k for k in want if not torch.equal(got[k], want[k])]
     if bad:
-        raise RuntimeError(f"{what}: {len(bad)} of {len(want)} tensors differ from the saved state, e.g. {bad[0]}")
+        raise RuntimeError(f"{what}: {len(bad)} of {len(want)} tensors differ from the saved state, "
+                           f"e.g. {bad[0]}")
 
 
 class Rank:
@@ -85,14 +86,15 @@ class Rank:
         self.meta = {"step": 1, "layout": vars(layout), "zero_stage": job.parallel.zero_stage,
                      "moe_backend": job.moe.backend, "config": job.to_dict()}
         self.saved = {k: v.clone() for k, v in self.state().items()}
-        self.file = f"rank_{rank:05d}.pt"
+        self.file = f"rank_{rank:05d}.pt"  # the baselines' file of this rank
 
     def state(self) -> dict[str, torch.Tensor]:
         """What this rank writes into its shard file, keyed as there (checkpoint/save.py)."""
         params = shards(self.model, self.topo)
         pieces = (model_pieces(params, self.topo) + model_pieces(buffer_shards(self.model), self.topo, "buffer")
                   + optimizer_pieces(self.stepper, params, self.topo)[0])
-        return {p.key: p.tensor for p in pieces} | {f"rng/{self.rank}/{k}": v for k, v in rng_state().items()}
+        rng = {f"rng/{self.rank}/{k}": v for k, v in rng_state().items()}
+        return {p.key: p.tensor for p in pieces} | rng
 
     def perturb(self) -> None:
         """Zero every tensor a load must restore and move the RNG on, so a load that restores
@@ -103,64 +105,62 @@ class Rank:
                     tensor.zero_()
         torch.rand(1)
 
-    # -- the saves: folder -> what the loads need ------------------------------------------
-
-    def save_ours(self, folder: Path):
-        return save_checkpoint(folder, 1, self.model, self.stepper, self.topo, self.meta)
-
-    def save_torch(self, folder: Path, fsync: bool = True):
+    def saver(self, variant: str, folder: Path) -> Callable[[], Path]:
+        """What `variant` times to save into `folder`; it returns the path its loads read.
+        The baselines' dicts are built before the clock starts (ours builds its own inside)."""
+        if variant == "ours":
+            return lambda: save_checkpoint(folder, 1, self.model, self.stepper, self.topo, self.meta)
+        if variant == "dcp":
+            keyed = {f"{self.rank}/{k}": v for k, v in self.state().items()}
+            return lambda: (dcp.save(keyed, storage_writer=dcp.FileSystemWriter(folder)), folder)[1]
         tensors = self.state()
-        def save():
+
+        def save() -> Path:
             with open(folder / self.file, "wb") as f:
                 torch.save(tensors, f)
                 f.flush()
-                if fsync:
+                if variant == "torch":  # not torch-nofsync
                     os.fsync(f.fileno())
+            return folder
         return save
 
-    def save_dcp(self, folder: Path):
-        tensors = {f"{self.rank}/{k}": v for k, v in self.state().items()}
-        return lambda: dcp.save(tensors, storage_writer=dcp.FileSystemWriter(folder))
+    def loader(self, variant: str, at: Path) -> Callable[[], tuple[dict | None, int]]:
+        """What `variant` times to load from `at`; it returns (the tensors it read, or None
+        where it restored this rank's live state, the bytes of the files this rank read)."""
+        def ours() -> tuple[None, int]:
+            ckpt = open_checkpoint(at)
+            if variant == "ours-trusted":
+                ckpt.trust()
+            load_checkpoint(ckpt, self.model, self.stepper, self.topo)
+            files = ckpt.manifest["files"]
+            return None, sum(files[name]["bytes"] for name in ckpt._files)  # the files it opened
 
-    # -- the loads: (what to time, what it restored or None (check this rank's live state), bytes read)
+        def torch_load() -> tuple[dict, int]:
+            path = at / self.file
+            return torch.load(path, map_location="cpu", weights_only=True), path.stat().st_size
 
-    def load_ours(self, path: Path, trusted: bool) -> tuple[dict | None, int]:
-        ckpt = open_checkpoint(path)
-        if trusted:
-            ckpt.trust()
-        load_checkpoint(ckpt, self.model, self.stepper, self.topo)
-        files = ckpt.manifest["files"]
-        return None, sum(files[name]["bytes"] for name in ckpt._files)  # the files this rank opened
+        def dcp_load() -> tuple[dict, int]:
+            into = {f"{self.rank}/{k}": torch.zeros_like(v) for k, v in self.saved.items()}
+            dcp.load(into, storage_reader=dcp.FileSystemReader(at))
+            mine = at / f"__{self.rank}_0.distcp"  # FileSystemWriter's file for this rank
+            return {k.split("/", 1)[1]: v for k, v in into.items()}, mine.stat().st_size
 
-    def load_torch(self, folder: Path) -> tuple[dict, int]:
-        path = folder / self.file
-        return torch.load(path, map_location="cpu", weights_only=True), path.stat().st_size
-
-    def load_dcp(self, folder: Path) -> tuple[dict, int]:
-        into = {f"{self.rank}/{k}": torch.zeros_like(v) for k, v in self.saved.items()}
-        dcp.load(into, storage_reader=dcp.FileSystemReader(folder))
-        mine = f"__{self.rank}_0.distcp"  # FileSystemWriter's file for this rank
-        return {k.split("/", 1)[1]: v for k, v in into.items()}, (folder / mine).stat().st_size
+        return {"torch": torch_load, "dcp": dcp_load}.get(variant, ours)
 
 
 def repetition(r: Rank, index: int, scratch: Path) -> dict:
     """Each variant saves, then loads warm and cold; in an order rotated by `index`."""
     out = {}
-    order = SAVES[index % len(SAVES):] + SAVES[:index % len(SAVES)]
-    for save in order:
+    for save in SAVES[index % len(SAVES):] + SAVES[:index % len(SAVES)]:
         folder = scratch / save
         if r.rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
+        seconds, at = timed(r.saver(save, folder))
+        rec = {"save_s": seconds, "bytes_written": sum(p.stat().st_size for p in files_in(folder)),
+               "load": {}}
         if save == "ours":
-            seconds, path = timed(lambda: r.save_ours(folder))
-        else:
-            action = {"torch": r.save_torch, "dcp": r.save_dcp,
-                      "torch-nofsync": lambda f: r.save_torch(f, fsync=False)}[save](folder)
-            seconds, path = timed(action)[0], folder
-        rec = {"save_s": seconds, "bytes_written": sum(p.stat().st_size for p in files_in(folder)), "load": {}}
-        if save == "ours":
-            rec |= measure_apart(r, path)
+            rec |= measure_apart(r, at, scratch)
         for name in LOADS[save]:
             rec["load"][name] = {}
             for cache in ("warm", "cold"):
@@ -170,13 +170,11 @@ def repetition(r: Rank, index: int, scratch: Path) -> dict:
                 resident = resident_fraction(files_in(folder)) if r.rank == 0 else None
                 if name.startswith("ours"):  # ours loads into the live model and optimizer
                     r.perturb()
-                load = {"ours": lambda: r.load_ours(path, False), "ours-trusted": lambda: r.load_ours(path, True),
-                        "torch": lambda: r.load_torch(folder), "dcp": lambda: r.load_dcp(folder)}[name]
-                seconds, (got, nbytes) = timed(load)
+                seconds, (got, nbytes) = timed(r.loader(name, at))
                 check_equal(r.state() if got is None else got, r.saved, f"{name} load ({cache})")
+                del got  # before the next load allocates its own
                 rec["load"][name][cache] = {"s": seconds, "resident": resident}
                 rec["load"][name]["bytes_read"] = nbytes
-                del got
         out[save] = rec
         dist.barrier()
         if r.rank == 0:
@@ -184,16 +182,19 @@ def repetition(r: Rank, index: int, scratch: Path) -> dict:
     return out
 
 
-def measure_apart(r: Rank, path: Path) -> dict:
+def measure_apart(r: Rank, path: Path, scratch: Path) -> dict:
     """What ours adds to torch.save, timed alone: the sha256 of each rank's file (ranks in
     parallel) and the manifest rank 0 serialises and writes atomically (fsync, rename)."""
     sha_s, _ = timed(lambda: sha256_file(path / f"shard_{r.rank:05d}.pt"))
     manifest = json.loads((path / "manifest.json").read_text())
-    def write_manifest():
+
+    def write_manifest() -> None:
         if r.rank == 0:
-            write_atomic(path.parent.parent / "manifest.timed.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+            data = json.dumps(manifest, indent=1, sort_keys=True).encode()  # as checkpoint/store.py
+            write_atomic(scratch / "manifest.timed.json", data)
     manifest_s, _ = timed(write_manifest)
-    return {"sha256_s": sha_s, "manifest_s": manifest_s, "manifest_bytes": (path / "manifest.json").stat().st_size}
+    return {"sha256_s": sha_s, "manifest_s": manifest_s,
+            "manifest_bytes": (path / "manifest.json").stat().st_size}
 
 
 def worker(rank: int, world: int, overrides: list[str], reps: int, warmup: int, scratch: str) -> dict:
