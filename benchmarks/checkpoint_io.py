@@ -1,8 +1,8 @@
 """Save and load throughput of our sharded checkpoint against torch.save / torch.load and
 torch.distributed.checkpoint (DCP), side by side in one run, on 4 gloo ranks (CPU).
 
-    python benchmarks/checkpoint_io.py                    # cpu_tiny and ~1 GB, 3 repetitions
-    python benchmarks/checkpoint_io.py --cases cpu_tiny cpu_tiny_zero2 --reps 5
+    python benchmarks/checkpoint_io.py                    # cpu_tiny, the same under ZeRO-2, ~1 GB
+    python benchmarks/checkpoint_io.py --cases 1gb --reps 3 --warmup 1
     python benchmarks/checkpoint_io.py --smoke            # a tiny model, one repetition (the test)
 
 Each case builds the model at dp 4 x ep 4 (configs/cpu_tiny.yaml and the case's overrides) in
@@ -24,13 +24,15 @@ then every repetition runs each variant once, in an order rotated by one per rep
                  (flat ranges of a parameter) have no DTensor placement. Each rank loads only
                  its own keys, so DCP and torch do no resharding and read no other rank's file.
 
-Every operation is timed between two barriers (the slowest rank's time). Loads run warm (just
-after the save, pages in the page cache) and cold (each file's pages dropped first with
-posix_fadvise(DONTNEED), which needs no root and leaves other users' cache alone; the files
-are clean after fsync); `fincore` reports the resident fraction before each load. Before
-every load the state is zeroed (and the RNG advanced), and after it the restored tensors must
-equal the saved ones bitwise, or the run fails. Medians over repetitions; GB/s is the state's
-tensor bytes (1 GB = 1e9 bytes) over the seconds. Nothing is asserted about speed.
+Every operation is timed between two barriers (the slowest rank's time). Loads run warm
+(rank 0 reads every file once first) and cold (each file's pages dropped first with
+posix_fadvise(DONTNEED): it needs no root and leaves the page cache of others on a shared
+machine alone; the files are clean after fsync); `fincore` reports the resident fraction
+before each load. Before each load of ours the live state is zeroed (and the RNG advanced);
+after every load the restored tensors must equal the saved ones bitwise, or the run fails.
+`--warmup` repetitions come first and stay out of the medians (kept in the JSON): the first
+use of a code path and of fresh memory in a process costs more. GB/s is the state's tensor
+bytes (1 GB = 1e9 bytes) over the median seconds. Nothing is asserted about speed.
 """
 
 from __future__ import annotations
@@ -68,8 +70,9 @@ LOADS = {"ours": ("ours", "ours-trusted"), "torch": ("torch",), "torch-nofsync":
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=["cpu_tiny", "1gb"])
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--cases", nargs="+", choices=list(CASES),
+                        default=["cpu_tiny", "cpu_tiny_zero2", "1gb"])
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1, help="repetitions first, not in the medians")
     parser.add_argument("--smoke", action="store_true", help="--cases smoke --reps 1 --warmup 0")
     parser.add_argument("--scratch", default=None, help="where the checkpoints are written (a temporary dir)")
@@ -97,7 +100,8 @@ def main() -> None:
         rows += summarize(case, per_rank)
         warmups[case] = per_rank[0]["warmup"]
     report = {"command": command, "started": started, "load_average_before": load_before,
-              "load_average_after": os.getloadavg(), "cpus": os.cpu_count(), "machine": machine(),
+              "load_average_after": os.getloadavg(), "cpus": os.cpu_count(),
+              "niceness": os.nice(0), "machine": machine(),
               "world_size": WORLD, "reps": args.reps, "warmup": args.warmup,
               "cases": {c: BASE + CASES[c] for c in args.cases},
               "rows": rows, "warmup_reps_rank0": warmups}
@@ -159,6 +163,7 @@ def write(report: dict, out: Path) -> None:
     rows = report["rows"]
     parts = [f"$ {report['command']}",
              f"started {report['started']}; {report['machine']}; {report['cpus']} CPUs; "
+             f"nice {report['niceness']}; "
              f"{report['world_size']} gloo ranks; {report['warmup']} warm-up and {report['reps']} "
              "measured repetitions, medians",
              "load average (1, 5, 15 min) before: {:.2f} {:.2f} {:.2f}".format(*report["load_average_before"]),
