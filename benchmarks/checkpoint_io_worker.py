@@ -16,12 +16,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from benchmarks.checkpoint_io import BASE, LOADS, ROOT, SAVES, resident_fraction
-from checkpoint.layout import buffer_shards, shards
+from checkpoint.layout import Piece, buffer_shards, shards
 from checkpoint.load import load_checkpoint
 from checkpoint.optimizer import optimizer_pieces
 from checkpoint.reader import open_checkpoint
-from checkpoint.save import model_pieces, rng_state, save_checkpoint
-from checkpoint.store import sha256_file, write_atomic
+from checkpoint.save import model_pieces, non_finite, rng_state, save_checkpoint
+from checkpoint.store import commit, sha256_file
 from launcher.config import load_config
 from launcher.train import build_model
 from parallel.topology import Topology
@@ -88,13 +88,16 @@ class Rank:
         self.saved = {k: v.clone() for k, v in self.state().items()}
         self.file = f"rank_{rank:05d}.pt"  # the baselines' file of this rank
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """What this rank writes into its shard file, keyed as there (checkpoint/save.py)."""
+    def pieces(self) -> list[Piece]:
+        """The pieces this rank writes, as checkpoint/save.py collects them."""
         params = shards(self.model, self.topo)
-        pieces = (model_pieces(params, self.topo) + model_pieces(buffer_shards(self.model), self.topo, "buffer")
-                  + optimizer_pieces(self.stepper, params, self.topo)[0])
+        return (model_pieces(params, self.topo) + model_pieces(buffer_shards(self.model), self.topo, "buffer")
+                + optimizer_pieces(self.stepper, params, self.topo)[0])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What this rank writes into its shard file, keyed as there."""
         rng = {f"rng/{self.rank}/{k}": v for k, v in rng_state().items()}
-        return {p.key: p.tensor for p in pieces} | rng
+        return {p.key: p.tensor for p in self.pieces()} | rng
 
     def perturb(self) -> None:
         """Zero every tensor a load must restore and move the RNG on, so a load that restores
@@ -183,17 +186,24 @@ def repetition(r: Rank, index: int, scratch: Path) -> dict:
 
 
 def measure_apart(r: Rank, path: Path, scratch: Path) -> dict:
-    """What ours adds to torch.save, timed alone: the sha256 of each rank's file (ranks in
-    parallel) and the manifest rank 0 serialises and writes atomically (fsync, rename)."""
+    """Steps of ours' save that torch.save lacks, timed alone: the finite check of every piece
+    and the sha256 of each rank's file (ranks in parallel), and rank 0's commit of the same
+    manifest into an empty directory (manifest.json, COMMIT, directory fsyncs, rename, latest)."""
+    pieces = r.pieces()
+    finite_s, _ = timed(lambda: non_finite(pieces))
     sha_s, _ = timed(lambda: sha256_file(path / f"shard_{r.rank:05d}.pt"))
     manifest = json.loads((path / "manifest.json").read_text())
+    root = scratch / "commit_timed"
 
-    def write_manifest() -> None:
+    def commit_again() -> None:
         if r.rank == 0:
-            data = json.dumps(manifest, indent=1, sort_keys=True).encode()  # as checkpoint/store.py
-            write_atomic(scratch / "manifest.timed.json", data)
-    manifest_s, _ = timed(write_manifest)
-    return {"sha256_s": sha_s, "manifest_s": manifest_s,
+            staging = root / f"{path.name}.partial"
+            staging.mkdir(parents=True)
+            commit(staging, root / path.name, manifest)
+    commit_s, _ = timed(commit_again)
+    if r.rank == 0:
+        shutil.rmtree(root)
+    return {"finite_s": finite_s, "sha256_s": sha_s, "commit_s": commit_s,
             "manifest_bytes": (path / "manifest.json").stat().st_size}
 
 
