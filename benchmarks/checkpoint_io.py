@@ -139,6 +139,10 @@ def summarize(case: str, per_rank: list[dict]) -> list[dict]:
                     row[key] = median([r[save][key] for r in reps])
                 row["manifest_bytes"] = reps[0][save]["manifest_bytes"]
             rows.append(row)
+    for row in rows:  # the spread: on a shared machine the others' load moves every number
+        for key in ("save_s", "load_warm_s", "load_cold_s"):
+            times = row[f"{key}_all"]
+            row[f"{key}_min"], row[f"{key}_max"] = (min(times), max(times)) if times else (None, None)
     base = next(r for r in rows if r["variant"] == "torch")
     for row in rows:
         for key in ("save_s", "load_warm_s", "load_cold_s"):
@@ -158,6 +162,11 @@ COLUMNS = [("case", "case", "{}", 15), ("variant", "variant", "{}", 15),
            ("cold load s", "load_cold_s", "{:.3f}", 12), ("GB/s", "load_cold_gbps", "{:.3f}", 7),
            ("x torch", "load_cold_vs_torch", "{:.2f}", 8)]
 
+SPREAD = [("case", "case", "{}", 15), ("variant", "variant", "{}", 15),
+          ("save min", "save_s_min", "{:.3f}", 10), ("max", "save_s_max", "{:.3f}", 8),
+          ("warm load min", "load_warm_s_min", "{:.3f}", 14), ("max", "load_warm_s_max", "{:.3f}", 8),
+          ("cold load min", "load_cold_s_min", "{:.3f}", 14), ("max", "load_cold_s_max", "{:.3f}", 8)]
+
 
 def write(report: dict, out: Path) -> None:
     rows = report["rows"]
@@ -173,6 +182,7 @@ def write(report: dict, out: Path) -> None:
              "read MB: the files each",
              "rank opened to load, summed over ranks; ours hashes each whole, ours-trusted maps them and "
              "touches its pieces' pages.", "",
+             "seconds, fastest and slowest of the measured repetitions:", text_table(rows, SPREAD), "",
              "resident in the page cache before each load (fincore; warm / cold):"]
     parts += [f"  {r['case']} {r['variant']}: {r['resident_warm']} / {r['resident_cold']}"
               for r in rows if r["load_warm_s"] is not None]
