@@ -180,8 +180,8 @@ def write(report: dict, out: Path) -> None:
              "", text_table(rows, COLUMNS), "",
              "x torch: seconds over torch's seconds (above 1 is slower). written MB: every file of the save. "
              "read MB: the files each",
-             "rank opened to load, summed over ranks; ours hashes each whole, ours-trusted maps them and "
-             "touches its pieces' pages.", "",
+             "rank read to load, summed over ranks; ours hashes every file once across the job (each rank "
+             "a share, as a resume does) and maps its pieces' files, ours-trusted only maps them.", "",
              "seconds, fastest and slowest of the measured repetitions:", text_table(rows, SPREAD), "",
              "resident in the page cache before each load (fincore; warm / cold):"]
     parts += [f"  {r['case']} {r['variant']}: {r['resident_warm']} / {r['resident_cold']}"

@@ -20,6 +20,7 @@ from checkpoint.layout import Piece, buffer_shards, shards
 from checkpoint.load import load_checkpoint
 from checkpoint.optimizer import optimizer_pieces
 from checkpoint.reader import open_checkpoint
+from checkpoint.select import Found, choose
 from checkpoint.save import model_pieces, non_finite, rng_state, save_checkpoint
 from checkpoint.store import commit, sha256_file
 from launcher.config import load_config
@@ -74,7 +75,7 @@ class Rank:
     def __init__(self, rank: int, overrides: list[str]):
         job = load_config(["--config", str(ROOT / "configs/cpu_tiny.yaml"), *BASE, *overrides])
         layout = job.validate(dist.get_world_size())
-        self.rank, self.topo = rank, Topology.create(layout)
+        self.rank, self.topo, self.job = rank, Topology.create(layout), job
         self.model = build_model(job, self.topo, torch.device("cpu"))
         self.stepper = build_stepper(self.model, self.topo, job.train, job.parallel.zero_stage, rank)
         shape = (job.train.micro_batch_size, job.train.seq_len + 1)
@@ -131,12 +132,17 @@ class Rank:
         """What `variant` times to load from `at`; it returns (the tensors it read, or None
         where it restored this rank's live state, the bytes of the files this rank read)."""
         def ours() -> tuple[None, int]:
-            ckpt = open_checkpoint(at)
+            ckpt, hashed = open_checkpoint(at), []
             if variant == "ours-trusted":
                 ckpt.trust()
+            else:  # as a resume does: the job hashes every file once, each rank a share
+                world = self.topo.layout.world_size
+                choose(Found(str(at), [ckpt]), self.job, self.rank, world)
+                hashed = sorted(ckpt.manifest["files"])[self.rank::world]
             load_checkpoint(ckpt, self.model, self.stepper, self.topo)
             files = ckpt.manifest["files"]
-            return None, sum(files[name]["bytes"] for name in ckpt._files)  # the files it opened
+            opened = set(ckpt._files) | set(hashed)  # the files it read: its hash share, its pieces'
+            return None, sum(files[name]["bytes"] for name in opened)
 
         def torch_load() -> tuple[dict, int]:
             path = at / self.file
