@@ -23,7 +23,7 @@ from parallel.checkpoint_store import resolve
 from parallel.topology import Topology
 from tests.distributed.ckpt_setup import SMALL
 from tests.distributed.spawn import run_distributed
-from tests.unit.data_setup import run_prepare, text_corpus
+from tests.unit.data_setup import two_datasets
 from trainer.data import load_corpus, rank_data
 from trainer.loop import Trainer, _Window
 
@@ -75,11 +75,8 @@ def _resumed(rank, world, run_dir, ckpt_dir, data):
 @pytest.fixture(scope="module")
 def mixture(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixture")
-    for name, seed in (("a", 0), ("b", 1)):
-        text_corpus(root / f"in_{name}", 30, seed=seed, size=1000)
-        run_prepare("--input", str(root / f"in_{name}"), "--output", str(root / name), "--unit-bytes", "3000",
-                    "--holdout-fraction", "0.2")
-    data = ["--data.source=prepared", f"--data.path={root / 'a'},{root / 'b'}", "--data.weights=3,1",
+    a, b = two_datasets(root, files=30, size=1000, unit_bytes=3000)
+    data = ["--data.source=prepared", f"--data.path={a},{b}", "--data.weights=3,1",
             "--model.vocab_size=264"]  # bytes and EOS (256)
     first = run_distributed(_first_run, 2, (str(root / "run_a"), data), timeout_s=300)[0]
     ckpt = str(root / "run_a" / "checkpoints")

@@ -49,3 +49,12 @@ def text_corpus(folder: Path, count: int, seed: int = 0, size: int = 600) -> dic
 def files_state(folder: Path) -> dict[str, bytes]:
     """Every file's bytes under `folder`, by relative name."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def two_datasets(root: Path, files: int, size: int, unit_bytes: int) -> tuple[Path, Path]:
+    """Two byte-tokenized datasets of different text, each in several shards, a fifth held out."""
+    for name, seed in (("a", 0), ("b", 1)):
+        text_corpus(root / f"in_{name}", files, seed=seed, size=size)
+        run_prepare("--input", str(root / f"in_{name}"), "--output", str(root / name), "--unit-bytes",
+                    str(unit_bytes), "--holdout-fraction", "0.2")
+    return root / "a", root / "b"

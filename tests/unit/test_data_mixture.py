@@ -13,7 +13,7 @@ import torch
 from launcher.env import DistEnv
 from launcher.train import prepare as launcher_prepare
 from model.errors import ConfigError
-from tests.unit.data_setup import run_prepare, split_ids, text_corpus
+from tests.unit.data_setup import run_prepare, split_ids, text_corpus, two_datasets
 from trainer.config import DataConfig, TrainConfig
 from trainer.data import ShardedSampler, load_corpus, rank_data
 from trainer.data.mixture import BLOCK, Mixture, derived_seed
@@ -21,15 +21,9 @@ from trainer.data.prepared import ConcatTokens
 from trainer.data.sampler import Windows
 
 
-@pytest.fixture(scope="module")
-def two_datasets(tmp_path_factory):
-    """Two byte-tokenized datasets of different text, in several shards each."""
-    root = tmp_path_factory.mktemp("prepared")
-    for name, seed in (("a", 0), ("b", 1)):
-        text_corpus(root / f"in_{name}", 40, seed=seed, size=1200)
-        run_prepare("--input", str(root / f"in_{name}"), "--output", str(root / name), "--unit-bytes", "4000",
-                    "--holdout-fraction", "0.2")
-    return root / "a", root / "b"
+@pytest.fixture(scope="module", name="two_datasets")
+def _two_datasets(tmp_path_factory):
+    return two_datasets(tmp_path_factory.mktemp("prepared"), files=40, size=1200, unit_bytes=4000)
 
 
 def corpus_bytes(path, split) -> int:

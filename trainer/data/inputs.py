@@ -55,7 +55,8 @@ def _expand(spec: str, patterns: tuple[str, ...]) -> list[tuple[str, str]]:
     """(path, relative name) of the files one --input names."""
     if _magic(spec):
         parts = Path(spec).parts
-        base = Path(*parts[:next(i for i, p in enumerate(parts) if _magic(p))] or ".")
+        fixed = parts[:next(i for i, p in enumerate(parts) if _magic(p))]  # the folder above the pattern
+        base = Path(*fixed) if fixed else Path(".")
         paths = globlib.glob(spec, recursive=True)
     elif Path(spec).is_dir():
         base = Path(spec)
