@@ -165,11 +165,12 @@ class Trainer:
         all_reduce(total, self.topology.groups["dp"])
         return total.item() / self.topology.size("dp")
 
-    def bits_per_byte(self, loss: float) -> float | None:
+    def bits_per_byte(self, loss: float | None) -> float | None:
         """Held-out loss per UTF-8 byte in bits (token loss x tokens / bytes / ln 2), which
-        compares across tokenizers; None when the data's bytes are unknown (a token file)."""
+        compares across tokenizers; None when the data's bytes are unknown (a token file) or
+        there is no loss (a run stopped before its first evaluation)."""
         bpt = self.val_bytes_per_token
-        return loss / math.log(2) / bpt if bpt else None
+        return loss / math.log(2) / bpt if bpt and loss is not None else None
 
     def _log(self, window: _Window, throughput: Throughput) -> dict:
         """Reduce the window over dp and write scalars; returns them. Collective."""

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from launcher.config import load_config
 from launcher.train import build_model
-from parallel.checkpoint_store import resolve
+from checkpoint.reader import resolve
 from parallel.topology import Topology
 from tests.distributed.ckpt_setup import SMALL
 from tests.distributed.spawn import run_distributed

@@ -103,8 +103,9 @@ def _tail_split(buf: bytearray, fraction: float, what: str) -> tuple[torch.Tenso
 
 def _glob_report(path: Path, glob: str, matched: list[str]) -> str:
     """How many files data.text_glob matched, what else the folder holds, and the fix."""
-    others = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
-                    if p.is_file() and p.relative_to(path).as_posix() not in set(matched))
+    matched_set = set(matched)
+    others = sorted(rel for rel in (p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+                    if rel not in matched_set)
     report = f"{len(matched)} file(s) in data.path ({path}) match data.text_glob ({glob!r})"
     if not others:
         return report
