@@ -5,6 +5,7 @@ And the smoke runs of profile_step.py and activation_memory.py. No speed is asse
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,9 @@ def test_e2e_smoke_runs_native_and_reads_its_summary(tmp_path):
     assert r["status"] == "ok" and r["train_tokens_per_s"] == summary["train_tokens_per_s"] > 0
     assert r["mfu"] == pytest.approx(r["train_tokens_per_s"] * r["flops_per_token"] / 0.1e12)
     assert r["peak_memory_bytes"] > 0 and r["final_eval_loss"] > 0
-    assert r["evals"][-1] == {"step": 4, "eval_loss": r["final_eval_loss"]}
+    # byte data: bits per byte is the loss (nats per byte) / ln 2
+    assert r["evals"][-1] == pytest.approx({"step": 4, "eval_loss": r["final_eval_loss"],
+                                            "eval_bpb": r["final_eval_loss"] / math.log(2)})
     assert "native:mb1" in proc.stdout and "skipped: megablocks needs CUDA" in proc.stdout
 
 
