@@ -25,9 +25,10 @@ class Found:
     spec: str | None  # checkpoint.resume or init_from as configured
     checkpoints: list[Checkpoint] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    data: object = None  # the run's Corpus, for the checks of the data (checkpoint/compat.py)
 
 
-def find_checkpoints(job, run_dir: Path) -> Found:
+def find_checkpoints(job, run_dir: Path, data=None) -> Found:
     """The checkpoint named by checkpoint.resume or init_from, opened and checked against the
     run; for "auto", every committed checkpoint of the run dir that opens (structure only:
     their files' checksums are checked by the job together, in `choose`)."""
@@ -37,11 +38,11 @@ def find_checkpoints(job, run_dir: Path) -> Found:
         return Found(None)
     if spec == "auto":
         found, skipped = candidates(run_dir / "checkpoints")
-        out = Found(spec, found, skipped)
+        out = Found(spec, found, skipped, data)
     else:
-        out = Found(spec, [resolve(spec, run_dir / "checkpoints")[0]])
+        out = Found(spec, [resolve(spec, run_dir / "checkpoints")[0]], data=data)
     if out.checkpoints:
-        check_compatible(out.checkpoints[0], job)
+        check_compatible(out.checkpoints[0], job, data)
     return out
 
 
@@ -73,7 +74,7 @@ def choose(found: Found, job, rank: int, world_size: int) -> Checkpoint | None:
         problems = _shared_check(ckpt, rank, world_size)
         if not problems:
             ckpt.trust()  # checked by the job: ranks do not hash the files again on load
-            check_compatible(ckpt, job)  # an older one may not fit; every rank raises the same
+            check_compatible(ckpt, job, found.data)  # an older one may not fit; every rank raises it
             if rank == 0:
                 for line in broken:
                     print(line, flush=True)

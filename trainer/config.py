@@ -184,6 +184,11 @@ class CheckpointConfig:
     """Resume model, optimizer, data position and RNG: a checkpoint directory, a run's
     checkpoints folder (its `latest`), or auto (the newest verified checkpoint of this run,
     a fresh start when there is none). Any parallel layout may load it."""
+    accept_data_change: bool = False
+    """Resume even though the training data changed since the checkpoint (a file added,
+    removed, edited or re-prepared: the data fingerprint in its metadata differs). The run
+    continues at the saved sample position of the new data, whose order is not the saved
+    run's. Without it such a resume is refused, naming the file."""
     init_from: str | None = None
     """Start from the model weights of this checkpoint (any layout), with a fresh optimizer
     and step 0: fine-tuning. Excludes resume."""

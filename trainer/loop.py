@@ -86,6 +86,7 @@ class Trainer:
         self.autocast_bf16 = uses_autocast(job.parallel.zero_stage, self.dtype)
         self.sampler, self.val = data.sampler, data.val_batches
         self.val_bytes_per_token = data.val_bytes_per_token
+        self.corpus = data.corpus
         self.is_main = topology.rank == 0
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main and job.logging.tensorboard)
         self.tokens_per_step = (topology.size("dp") * self.cfg.micro_batch_size
@@ -242,6 +243,10 @@ class Trainer:
                 "tokens_seen": self.samples_seen * self.cfg.seq_len,
                 "layout": vars(self.topology.layout), "zero_stage": self.job.parallel.zero_stage,
                 "moe_backend": self.job.moe.backend, "config": self.job.to_dict()}
+        if self.is_main and self.corpus is not None:  # rank 0 writes the manifest
+            meta["data_fingerprint"] = self.corpus.fingerprint
+            if self.corpus.tokenizer is not None:
+                meta["tokenizer"] = self.corpus.tokenizer.to_json()
         path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.stepper,
                                self.topology, meta, self.job.checkpoint.keep_last, self.resumed_from)
         self.last_saved_step = self.step

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.errors import ConfigError
+from model.errors import ConfigError, DataError
 from trainer.config import DataConfig
-from trainer.data.fingerprint import fingerprint_files
+from trainer.data.fingerprint import fingerprint_change, fingerprint_files
 from trainer.data.inputs import stdlib_files, stdlib_root
 from trainer.data.mixture import Mixture
 from trainer.data.prepared import load_prepared
@@ -52,6 +52,11 @@ class Corpus:
         compare two with fingerprint_change. Computed on first use."""
         return fingerprint_files([(root, list(rels)) for root, rels in self.files])
 
+    def changed_since(self, saved: dict | None) -> str | None:
+        """What changed since the data had the fingerprint `saved` (None: nothing, or no
+        fingerprint was saved)."""
+        return None if saved is None else fingerprint_change(saved, self.fingerprint)
+
 
 def _size(num_bytes: int) -> str:
     return f"{num_bytes / 1e6:.1f} MB" if num_bytes >= 100_000 else f"{num_bytes} bytes"
@@ -83,7 +88,7 @@ def _load_stdlib(cfg: DataConfig) -> Corpus:
     root, rel_paths = stdlib_root(), [rel for _, rel in stdlib_files()]
     train, val, n_train, n_val = _read_split(root, rel_paths, cfg.holdout_fraction)
     if not train or not val:
-        raise ConfigError(
+        raise DataError(
             f"stdlib at {root}: split left {n_train} train files ({len(train)} bytes) and "
             f"{n_val} held-out files ({len(val)} bytes); both must be non-empty"
         )
@@ -96,7 +101,7 @@ def _tail_split(buf: bytearray, fraction: float, what: str) -> tuple[torch.Tenso
     """Hold out the last `fraction` of the bytes (views of one tensor, no copy)."""
     n_val = max(1, int(len(buf) * fraction))
     if len(buf) - n_val < 1:
-        raise ConfigError(f"{what}: {len(buf)} bytes is too little to hold out {fraction}")
+        raise DataError(f"{what}: {len(buf)} bytes is too little to hold out {fraction}")
     tokens = _bytes_tensor(buf)
     return tokens[: len(buf) - n_val], tokens[len(buf) - n_val :]
 
@@ -119,7 +124,7 @@ def _load_text(cfg: DataConfig) -> Corpus:
     if path.is_file():
         buf = bytearray(path.read_bytes())
         if not buf:
-            raise ConfigError(f"data.path ({path}) is empty")
+            raise DataError(f"data.path ({path}) is empty")
         train, val = _tail_split(buf, cfg.holdout_fraction, str(path))
         desc = f"text file {path}: {_size(len(train))}; held out the last {_size(len(val))}"
         return _bytes_corpus(train, val, desc, path.parent, [path.name])
@@ -127,7 +132,7 @@ def _load_text(cfg: DataConfig) -> Corpus:
                         if p.is_file()})
     train_buf, val_buf, n_train, n_val = _read_split(path, rel_paths, cfg.holdout_fraction)
     if not train_buf and not val_buf:
-        raise ConfigError(f"no data: the {len(rel_paths)} file(s) in data.path ({path}) matching data.text_glob "
+        raise DataError(f"no data: the {len(rel_paths)} file(s) in data.path ({path}) matching data.text_glob "
                           f"({cfg.text_glob!r}) are all empty" if rel_paths else
                           f"no data: {_glob_report(path, cfg.text_glob, rel_paths)}")
     hint = f"; {_glob_report(path, cfg.text_glob, rel_paths)}"
@@ -147,7 +152,7 @@ def _load_tokens(cfg: DataConfig) -> Corpus:
     path, dtype = Path(cfg.path), np.dtype(cfg.token_dtype)
     size = path.stat().st_size
     if size == 0 or size % dtype.itemsize:
-        raise ConfigError(
+        raise DataError(
             f"token file {path} has {size} bytes, not a positive multiple of "
             f"{dtype.itemsize} (the size of data.token_dtype {cfg.token_dtype})"
         )
@@ -155,7 +160,7 @@ def _load_tokens(cfg: DataConfig) -> Corpus:
     n = len(tokens)
     n_val = max(1, int(n * cfg.holdout_fraction))
     if n - n_val < 1:
-        raise ConfigError(f"token file {path}: {n} tokens is too few to hold out any")
+        raise DataError(f"token file {path}: {n} tokens is too few to hold out any")
     desc = f"tokens of {path} ({dtype}): {n - n_val} tokens; held out the last {n_val}"
     return Corpus(tokens[: n - n_val], tokens[n - n_val :], desc, None,
                   files=((path.parent, (path.name,)),))
@@ -168,18 +173,18 @@ def _load_prepared(cfg: DataConfig) -> Corpus:
     first = datasets[0]
     for ds in datasets[1:]:
         if ds.tokenizer != first.tokenizer:
-            raise ConfigError(f"data.path: {ds.path} was prepared with another tokenizer "
+            raise DataError(f"data.path: {ds.path} was prepared with another tokenizer "
                               f"({ds.tokenizer.describe()}) than {first.path} ({first.tokenizer.describe()}); "
                               "the datasets of a mixture must share one")
     if cfg.tokenizer is not None:
         expected = load_tokenizer(cfg.tokenizer).info
         for ds in datasets:
             if ds.tokenizer != expected:
-                raise ConfigError(f"{ds.path} was prepared with another tokenizer ({ds.tokenizer.describe()}) "
+                raise DataError(f"{ds.path} was prepared with another tokenizer ({ds.tokenizer.describe()}) "
                                   f"than data.tokenizer {cfg.tokenizer} ({expected.describe()})")
     for ds in datasets:
         if not len(ds.val):
-            raise ConfigError(f"prepared dataset {ds.path} holds no held-out tokens (prepared with "
+            raise DataError(f"prepared dataset {ds.path} holds no held-out tokens (prepared with "
                               f"--holdout-fraction {ds.meta['holdout_fraction']}): evaluation needs some")
     files = tuple((ds.path, tuple(ds.files)) for ds in datasets)
     parts = ", ".join(f"{ds.path} ({ds.meta['train']['tokens']:,} train / {ds.meta['val']['tokens']:,} "

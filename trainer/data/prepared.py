@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.errors import ConfigError
+from model.errors import DataError
 from trainer.data.shards import FORMAT, META, SPLITS, VERSION
 from trainer.data.tokenizer import TokenizerInfo
 
@@ -83,7 +83,7 @@ def _open_split(path: Path, meta: dict, split: str, dtype: np.dtype) -> tuple[Co
         expected = entry["tokens"] * dtype.itemsize
         size = file.stat().st_size if file.is_file() else None
         if size != expected:
-            raise ConfigError(f"prepared dataset {path}: {file.name} "
+            raise DataError(f"prepared dataset {path}: {file.name} "
                               + ("is missing" if size is None else f"has {size} bytes, its record says {expected}")
                               + "; prepare the dataset again")
         arrays.append(np.memmap(file, dtype=dtype, mode="r"))
@@ -97,12 +97,12 @@ def load_prepared(path: str | Path) -> PreparedDataset:
     that would read the whole dataset on every rank)."""
     path = Path(path)
     if not (path / META).is_file():
-        raise ConfigError(
+        raise DataError(
             f"{path} is not a prepared dataset (no {META}): prepare it with moe-prepare-data; if a "
             "preparation was stopped there, run the same command again to finish it")
     meta = json.loads((path / META).read_text())
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise ConfigError(f"{path}/{META}: format {meta.get('format')!r} version {meta.get('version')!r}, "
+        raise DataError(f"{path}/{META}: format {meta.get('format')!r} version {meta.get('version')!r}, "
                           f"expected {FORMAT!r} version {VERSION}")
     dtype = np.dtype(meta["dtype"])
     (train, train_files), (val, val_files) = (_open_split(path, meta, s, dtype) for s in SPLITS)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.errors import ConfigError
+from model.errors import DataError
 from trainer.config import TrainConfig
 from trainer.data.corpus import Corpus
 from trainer.data.mixture import MixedWindows, Mixture
@@ -23,6 +23,8 @@ class RankData:
     val_bytes_per_token: float | None = None
     """UTF-8 bytes per token of the whole held-out evaluation (every rank's batches): bits per
     byte = loss / ln 2 / this. 1 for byte data; None when unknown (a token file)."""
+    corpus: Corpus | None = None
+    """What the data is (its tokenizer, its fingerprint), for the checkpoints' metadata."""
 
 
 def rank_data(corpus: Corpus, train: TrainConfig, vocab_size: int, dp_rank: int, dp_size: int) -> RankData:
@@ -36,7 +38,8 @@ def rank_data(corpus: Corpus, train: TrainConfig, vocab_size: int, dp_rank: int,
     sampler = ShardedSampler(corpus.train, seed=train.seed, what="training data", hint=corpus.hint, **common)
     val = eval_sampler(corpus.val, num_batches=train.eval_batches, **common)
     return RankData(sampler, [val.batch(m) for m in range(train.eval_batches)],
-                    _bytes_per_token(corpus, val, train.eval_batches * train.micro_batch_size * dp_size))
+                    _bytes_per_token(corpus, val, train.eval_batches * train.micro_batch_size * dp_size),
+                    corpus)
 
 
 def _bytes_per_token(corpus: Corpus, val: ShardedSampler, samples: int) -> float | None:
@@ -73,5 +76,5 @@ def check_vocab(corpus: Corpus, vocab_size: int) -> None:
                 continue
             lo, hi, where = _largest(tokens)
             if lo < 0 or hi >= vocab_size:
-                raise ConfigError(f"{name} data holds token {hi if hi >= vocab_size else lo}{where}, outside "
+                raise DataError(f"{name} data holds token {hi if hi >= vocab_size else lo}{where}, outside "
                                   f"[0, model.vocab_size={vocab_size}): {what}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.errors import ConfigError
+from model.errors import DataError
 from trainer.data.mixture import MixedWindows, Mixture, derived_seed
 
 
@@ -73,13 +73,13 @@ class ShardedSampler:
             parts = [Windows(p, seq_len, derived_seed(seed, "part", k), shuffle) for k, p in enumerate(tokens.parts)]
             for name, part, n in zip(tokens.names, parts, (len(p) for p in tokens.parts)):
                 if part.num_samples < 1:
-                    raise ConfigError(f"{what}: {name} has {n} tokens, not one window of seq_len {seq_len}")
+                    raise DataError(f"{what}: {name} has {n} tokens, not one window of seq_len {seq_len}")
             self.stream = MixedWindows(parts, tokens.weights, tokens.names, seed)
         else:
             self.stream = Windows(tokens, seq_len, seed, shuffle)
             needed = micro_batch_size * dp_size
             if self.stream.num_samples < needed:
-                raise ConfigError(
+                raise DataError(
                     f"{what}: {len(tokens)} tokens give {self.stream.num_samples} windows of seq_len "
                     f"{seq_len}, fewer than micro_batch_size * dp_size = {needed} needed per step{hint}"
                 )
@@ -102,7 +102,7 @@ class ShardedSampler:
         if self.vocab_size is not None:  # cheap per batch; token files can hold anything
             lo, hi = int(windows.min()), int(windows.max())
             if hi >= self.vocab_size or lo < 0:
-                raise ConfigError(f"token {hi if hi >= self.vocab_size else lo} in the batch at "
+                raise DataError(f"token {hi if hi >= self.vocab_size else lo} in the batch at "
                                   f"global sample {base} is outside [0, vocab_size={self.vocab_size})")
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
