@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from model.config import ModelConfig, MoEConfig
+from model.config import ModelConfig, MoEConfig, check_expert_parallel
 from model.errors import ConfigError
 from parallel.config import ParallelConfig
 from parallel.topology import Layout
@@ -52,10 +52,7 @@ class JobConfig:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
         m, moe, par, tr = self.model, self.moe, self.parallel, self.train
-        if par.dp is None and world_size % par.tp:
-            raise ConfigError(f"WORLD_SIZE ({world_size}) must be divisible by parallel.tp ({par.tp})")
-        dp = par.dp if par.dp is not None else world_size // par.tp
-        layout = Layout(world_size=world_size, dp=dp, ep=par.ep, tp=par.tp)
+        layout = Layout.of(world_size, par.dp, par.tp, par.ep)
         for name, value in (("model.n_heads", m.n_heads), ("model.ffn_hidden", m.ffn_hidden),
                             ("moe.shared_expert_hidden", moe.shared_expert_hidden)):
             if value % par.tp:
@@ -79,10 +76,7 @@ class JobConfig:
                 f"tokens per micro-batch, train.micro_batch_size x train.seq_len ({tokens}), must "
                 f"be divisible by parallel.tp ({par.tp}): each tp rank dispatches 1/tp of them"
             )
-        if moe.num_experts % par.ep:
-            raise ConfigError(
-                f"moe.num_experts ({moe.num_experts}) must be divisible by parallel.ep ({par.ep})"
-            )
+        check_expert_parallel(moe.num_experts, par.ep)
         if tr.seq_len > m.max_seq_len:
             raise ConfigError(
                 f"train.seq_len ({tr.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})"

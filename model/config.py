@@ -28,7 +28,20 @@ AUX_LOSS_FORMS = ("per_layer", "pooled")
 ARCHITECTURE = {"model": ("vocab_size", "dim", "n_layers", "n_heads", "ffn_hidden", "tie_embeddings",
                           "n_kv_heads", "head_dim", "qkv_bias", "qk_norm"),
                 "moe": ("num_experts", "expert_hidden", "every_n_layers", "shared_expert_hidden",
-                        "shared_expert_gate", "expert_bias", "first_k_dense", "dense_layers")}
+                        "shared_expert_gate", "first_k_dense", "dense_layers")}
+# The routers' expert bias (a persistent buffer) exists when MoEConfig.has_expert_bias; whether
+# a checkpoint's bias may be dropped or added is checkpoint/compat.py's and load_weights' rule.
+
+
+def check_expert_parallel(num_experts: int, ep: int) -> None:
+    """Expert parallelism splits the experts evenly: the one place this is checked."""
+    if num_experts % ep:
+        raise ConfigError(f"moe.num_experts ({num_experts}) must be divisible by parallel.ep ({ep})")
+
+
+def check_recompute(mode: str) -> None:
+    """train.recompute's values, checked by the config and by TransformerLM.set_recompute."""
+    check_choice("train.recompute", mode, RECOMPUTE)
 
 
 @dataclass

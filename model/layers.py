@@ -73,9 +73,8 @@ def apply_rotary(x_BHSDh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     in fp32: (x0 + i x1) * (cos + i sin), one complex multiply.
 
     The same arithmetic as x0 cos - x1 sin, x0 sin + x1 cos written out, but three kernels
-    (upcast, multiply, downcast) and their three backward, where the written-out form ran
-    about nine each way over fp32 copies of q and k: by bytes moved, some 35 ms of a
-    250 ms configs/gpu_moe_1b.yaml step in eager mode on an H100 (train.compile fuses either).
+    (upcast, multiply, downcast) and their three backward, where the written-out form runs
+    about nine each way over fp32 copies of q and k (train.compile fuses either).
     The tables stay fp32 even when a bf16 model holds them in bf16 (DeepSpeed casts buffers).
     """
     x_c = torch.view_as_complex(x_BHSDh.float().unflatten(-1, (-1, 2)))

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-from model.config import RECOMPUTE, ModelConfig, MoEConfig
-from model.errors import check_choice
+from model.config import ModelConfig, MoEConfig, check_recompute
 from model.kv_cache import KVCache
 from model.layers import Attention, RMSNorm, SwiGLU, rotary_tables
 from model.moe import MoELayer, RouterOutput, build_moe
@@ -146,7 +145,7 @@ class TransformerLM(nn.Module):
     def set_recompute(self, mode: str) -> None:
         """train.recompute: none, ffn (each block's feed-forward runs again in backward) or full
         (each whole block does). Training only: under no_grad nothing is kept anyway."""
-        check_choice("train.recompute", mode, RECOMPUTE)
+        check_recompute(mode)
         for block in self.layers:
             block.recompute = mode
 

@@ -56,6 +56,14 @@ class Layout:
                 "groups are carved out of the data-parallel ranks"
             )
 
+    @classmethod
+    def of(cls, world_size: int, dp: int | None, tp: int, ep: int) -> Layout:
+        """The layout of parallel.dp (None: WORLD_SIZE / tp), tp and ep on `world_size` ranks:
+        the one place that checks world = dp x tp."""
+        if dp is None and tp >= 1 and world_size % tp:
+            raise ConfigError(f"WORLD_SIZE ({world_size}) must be divisible by parallel.tp ({tp})")
+        return cls(world_size=world_size, dp=world_size // tp if dp is None else dp, ep=ep, tp=tp)
+
     @property
     def edp(self) -> int:
         """Expert-data-parallel size: replicas of each expert (tp partners included)."""

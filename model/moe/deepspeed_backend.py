@@ -42,7 +42,7 @@ def import_deepspeed(use_cuda: bool):
     import deepspeed
     import deepspeed.ops
 
-    # Skip DeepSpeed's shared-memory CPU collective: a ~100 s g++ build on first use, and our
+    # Skip DeepSpeed's shared-memory CPU collective: a g++ build on first use, and our
     # collectives run on gloo anyway. (A private table; checked against DeepSpeed 0.19.8.)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed

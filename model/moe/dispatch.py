@@ -227,10 +227,10 @@ def combine(
 class _WeightedSumOfChoices(torch.autograd.Function):
     """y_TD = sum_k w_TK[:, k] * y_TKD[:, k]: each token's K expert outputs, weighted.
 
-    As elementwise passes and a reduction over D, which run at memory speed. It was one batched
-    (1, K) x (K, D) product per token: on an H100 those bmm calls moved about 110 GB/s, 3.7 of
-    the mixtral-like layer's 34.5 ms (benchmarks/results/h100-2026-11-23). Keeps for backward
-    only what the bmm kept: the rows, in the activations' dtype, and the weights.
+    As elementwise passes and a reduction over D, which run at memory speed, where one batched
+    (1, K) x (K, D) product per token runs far below it (benchmarks/results/h100-2026-11-23).
+    Keeps for backward only what the bmm kept: the rows, in the activations' dtype, and the
+    weights.
 
     Rounding: the forward multiplies by the fp32 weights and sums in fp32, then rounds once to
     the rows' dtype. Backward's row gradient uses the weights rounded to that dtype (as

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import check_expert_parallel
 from model.errors import ConfigError
 from model.moe.dispatch import compiled
 
@@ -126,11 +127,7 @@ class SwiGLUExperts(nn.Module):
 
     def shard_(self, rank: int, size: int) -> None:
         """Keep only this expert-parallel rank's contiguous slice of the global experts."""
-        if self.num_global_experts % size:
-            raise ConfigError(
-                f"num_experts ({self.num_global_experts}) must be divisible by the "
-                f"expert-parallel size ({size})"
-            )
+        check_expert_parallel(self.num_global_experts, size)
         if self.num_local_experts != self.num_global_experts:
             raise RuntimeError(
                 f"the experts are sharded already ({self.num_local_experts} of "

@@ -215,7 +215,7 @@ def test_shard_keeps_a_contiguous_slice_and_rejects_bad_sizes():
     ex.shard_(rank=2, size=4)
     assert ex.num_local_experts == 2 and ex.expert_offset == 4
     torch.testing.assert_close(ex.w1_EDF.detach(), full[4:6])
-    with pytest.raises(ValueError, match=r"num_experts \(6\) must be divisible by the expert-parallel size \(4\)"):
+    with pytest.raises(ValueError, match=r"moe.num_experts \(6\) must be divisible by parallel.ep \(4\)"):
         SwiGLUExperts(6, D, F).shard_(0, 4)
     # A second shard_ would slice the slice (empty experts on rank >= 1): refused.
     with pytest.raises(RuntimeError, match=r"sharded already \(2 of 8 from expert 4\)"):
