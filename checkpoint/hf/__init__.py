@@ -9,6 +9,11 @@
 
 Families: mixtral, qwen2_moe, qwen3_moe, olmoe, and deepseek_v3's MoE block
 (`moe_block_table`, `deepseek_v3.moe_config_from_hf`; its attention is not ours).
+
+On top of the tables (docs/hf.md):
+    hf_dir.py   an HF directory opened for reading: config.json, safetensors read slice by slice
+    start.py    checkpoint.init_from=hf:PATH: configs merged, each rank's blocks filled
+    export.py   one of our checkpoints (any layout) written as an HF directory
 """
 
 from __future__ import annotations

@@ -120,6 +120,10 @@ def test_the_script_builds_directories_ours_and_transformers_read_alike(script_d
     assert hf.config.vocab_size == 300 and hf.config.eos_token_id == 0
     want = hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()
     assert opened.tokenizer_sha256 == opened.record()["tokenizer_sha256"] == want
+    # The identity a dataset prepared with this directory's tokenizer records.
+    from trainer.data.tokenizer import load_tokenizer
+
+    assert load_tokenizer(str(folder)).info.sha256 == want
 
 
 @pytest.mark.parametrize("kind", ["bytes", "bpe"])
