@@ -11,7 +11,8 @@ tolerance: the largest error within REL of the reference tensor's largest magnit
 
 Each case also saves a checkpoint (step 0), which this process exports: every tensor equals
 the file it came from bit for bit, and transformers loads the export with no missing or
-unexpected key and computes the same logits bit for bit. A run trained 2 steps at dp 2 x tp 2
+unexpected key and computes the same logits bit for bit; a directory's tokenizer files go
+along, unless they changed since the run started. A run trained 2 steps at dp 2 x tp 2
 x ep 2 under ZeRO-2 exports to the same files as after resharding it to one process, and
 greedy moe-generate on a checkpoint equals transformers' generate token for token.
 """
@@ -25,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from checkpoint.errors import CheckpointError
 from tests.distributed.spawn import case_result, run_cases
 from tests.tolerance import close
 from tests.unit.hf_tiny import tiny_hf, write_dirs
@@ -35,6 +37,16 @@ PARALLEL = {1: [(1, 1, 1)], 4: [(4, 1, 4), (2, 2, 2)]}  # world -> (dp, tp, ep)
 REL = 2e-5
 VOCAB = 96  # tests/unit/hf_tiny.py
 ZERO2 = ("qwen2_moe", "per_expert")  # the trained run: shared expert, biases, a dense block
+TOKENIZED = ("olmoe", "per_expert")  # a directory with tokenizer files, which export carries
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _write_tokenizer(folder):
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(folder / TOKENIZER_FILES[0]))
+    (folder / TOKENIZER_FILES[1]).write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
 
 
 def _job(root, family, layout, dp, tp, ep, run, *extra):
@@ -168,6 +180,7 @@ def hf_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_import")
     for family in FAMILIES:
         write_dirs(tiny_hf(family), root / family)
+    _write_tokenizer(root / TOKENIZED[0] / TOKENIZED[1])
     tokens = np.random.default_rng(0).integers(0, VOCAB, 20_000, dtype=np.uint8)
     tokens.tofile(root / "tokens.bin")
     return root
@@ -233,6 +246,10 @@ def test_import_then_export_is_bitwise_and_transformers_loads_it(results, hf_roo
         model, info = tf.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
         assert not any(info.values()), info
         assert torch.equal(model.eval()(tokens).logits, want), out.name
+        carried = [f.name for f in out.iterdir() if f.name in TOKENIZER_FILES]
+        assert sorted(carried) == (sorted(TOKENIZER_FILES) if (family, layout) == TOKENIZED else [])
+        for name in carried:
+            assert (out / name).read_bytes() == (hf_root / family / layout / name).read_bytes()
 
 
 @pytest.mark.distributed
@@ -271,3 +288,31 @@ def test_greedy_moe_generate_on_a_checkpoint_equals_transformers_generate(result
                  "--ids", "--device=cpu"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert len(got) == 40 and got == want
+
+
+@pytest.mark.distributed
+def test_export_refuses_a_tokenizer_changed_since_the_run_started(results, hf_root, tmp_path):
+    """The checkpoint records the sha256 of the tokenizer.json it started with: a changed file
+    is refused, not copied; another directory or none may be named instead."""
+    from checkpoint.hf.export import export_checkpoint
+    from checkpoint.reader import open_checkpoint
+
+    ckpt = open_checkpoint(case_result(results, ("import", str(hf_root), *TOKENIZED, 1, 1, 1))[0])
+    source = hf_root / TOKENIZED[0] / TOKENIZED[1] / TOKENIZER_FILES[0]
+    assert ckpt.meta["model_source"]["tokenizer_files"] == list(TOKENIZER_FILES)
+    original = source.read_bytes()
+    try:
+        source.write_bytes(original + b"\n")
+        with pytest.raises(CheckpointError, match=r"whose tokenizer files \(tokenizer.json, "
+                                                  r"tokenizer_config.json\) are gone or changed since"):
+            export_checkpoint(ckpt, tmp_path / "refused", progress=False)
+        assert not (tmp_path / "refused").exists()
+        export_checkpoint(ckpt, tmp_path / "none", with_tokenizer=False, progress=False)
+        assert not any(f.name in TOKENIZER_FILES for f in (tmp_path / "none").iterdir())
+        other = tmp_path / "other"
+        other.mkdir()
+        _write_tokenizer(other)
+        export_checkpoint(ckpt, tmp_path / "named", tokenizer=other, progress=False)
+        assert (tmp_path / "named" / TOKENIZER_FILES[0]).read_bytes() == (other / TOKENIZER_FILES[0]).read_bytes()
+    finally:
+        source.write_bytes(original)
