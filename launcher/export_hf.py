@@ -43,7 +43,8 @@ def parser() -> argparse.ArgumentParser:
                    help="largest safetensors file (default 5GB)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: as the checkpoint holds them")
     p.add_argument("--tokenizer", default=None,
-                   help="directory whose tokenizer files go along (default: the HF directory the run started from)")
+                   help="directory whose tokenizer files go along (default: the HF directory "
+                        "the run started from)")
     p.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

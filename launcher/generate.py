@@ -24,6 +24,7 @@ from checkpoint.hf.start import load_hf_model
 from checkpoint.load import load_weights
 from launcher import exit_codes
 from launcher.config import GROUPED_MM_ALIGN
+from model.config import DEEPSPEED_ONLY, MoEConfig
 from model.errors import ConfigError
 from model.kv_cache import generate
 from model.sampling import sampler
@@ -74,10 +75,12 @@ def load_model(source: str) -> tuple[TransformerLM, Path | None, int | None]:
 
 
 def _run_settings(model_cfg, moe_cfg) -> dict:
-    """The native backend (every checkpoint's weights are its canonical ones); grouped GEMMs
-    where the shapes allow them."""
+    """The native backend (every checkpoint's weights are its canonical ones; dropless, so
+    DeepSpeed's capacity settings go back to their defaults); grouped GEMMs where the shapes
+    allow them."""
     aligned = not (model_cfg.dim % GROUPED_MM_ALIGN or moe_cfg.expert_hidden % GROUPED_MM_ALIGN)
-    return {"backend": "native", "expert_impl": "grouped_mm" if aligned else "loop"}
+    return {"backend": "native", "expert_impl": "grouped_mm" if aligned else "loop",
+            **{name: getattr(MoEConfig, name) for name in DEEPSPEED_ONLY}}
 
 
 def parser() -> argparse.ArgumentParser:

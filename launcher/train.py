@@ -182,10 +182,13 @@ def run(argv: list[str]) -> dict:
         init = p.hf or (ckpt if job.checkpoint.init_from else None)
         model = build_model(job, topology, device, init)
         if env.rank == 0 and init is not None:
-            where = f"{p.hf.path} ({p.hf.hf.config['model_type']})" if p.hf else f"{ckpt.path} (step {ckpt.step})"
+            where = (f"{p.hf.path} ({p.hf.hf.config['model_type']})" if p.hf
+                     else f"{ckpt.path} (step {ckpt.step})")
             print(f"weights from {where}; optimizer and step start fresh")
         trainer = Trainer(job, model, topology, device, p.data, env.local_rank)
-        trainer.model_source = p.hf.hf.record() if p.hf else init.meta.get("model_source") if init else None
+        # Where the weights came from goes into every checkpoint (export, the tokenizer check).
+        trainer.model_source = (p.hf.hf.record() if p.hf else
+                                init.meta.get("model_source") if init is not None else None)
         if env.rank == 0:
             compiled = ", torch.compile per module" if job.train.compile else ""
             recompute = (f", recompute {job.train.recompute} in backward"

@@ -118,7 +118,9 @@ def _tokenizer_files(source: dict, tokenizer: str | Path | None) -> list[Path]:
     if not names:
         return []
     folder = Path(source["hf_dir"])
-    if any(not (folder / n).is_file() for n in names) or tokenizer_sha256(folder) != source.get("tokenizer_sha256"):
+    unchanged = all((folder / n).is_file() for n in names) and (
+        tokenizer_sha256(folder) == source.get("tokenizer_sha256"))
+    if not unchanged:
         raise CheckpointError(
             f"the run started from {folder}, whose tokenizer files ({', '.join(names)}) are gone "
             "or changed since: name a directory holding the run's tokenizer (moe-export "
