@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from checkpoint.reader import open_checkpoint, resolve
-from tests.distributed.ckpt_setup import make_trainer, step_losses, world_of
+from tests.distributed.ckpt_setup import make_trainer, resume_and_resave, step_losses, world_of
 from tests.distributed.spawn import case_result, run_cases, run_distributed
 
 Z3 = "--parallel.zero_stage=3"
@@ -55,10 +55,8 @@ def _save_all(rank, world, root):
 
 
 def _load(rank, world, root, src, dst):
-    ckpt, _ = resolve(f"{_dir(root, src)}/checkpoints", root)
-    trainer = make_trainer(rank, _dir(root, src) + "-to-" + _dir("", dst)[1:], *dst)
-    trainer.resume(ckpt)
-    return str(trainer.save()), step_losses(trainer)
+    return resume_and_resave(rank, f"{_dir(root, src)}/checkpoints",
+                             _dir(root, src) + "-to-" + _dir("", dst)[1:], *dst)
 
 
 @pytest.fixture(scope="module")
