@@ -163,7 +163,7 @@ def claim(run_dir: Path, rank: int, resuming: bool, start_over: bool) -> RunDirL
                 print(f"warning: {note}", flush=True)
             there = None if resuming else holds_a_run(run_dir)
             if there and start_over:
-                moved = _move_aside(run_dir)
+                moved = move_aside(run_dir)
                 print(f"warning: logging.start_over: the previous run's files in {run_dir} "
                       f"({there}) moved to {moved}", flush=True)
             elif there:
@@ -184,7 +184,8 @@ def claim(run_dir: Path, rank: int, resuming: bool, start_over: bool) -> RunDirL
     return lock
 
 
-def _move_aside(run_dir: Path) -> Path:
+def move_aside(run_dir: Path) -> Path:
+    """Move what `run_dir` holds (but its lock and earlier moves) into previous_<time>/."""
     target = run_dir / time.strftime("previous_%Y%m%d-%H%M%S")
     target.mkdir()
     for entry in run_dir.iterdir():

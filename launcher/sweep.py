@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.config import JobConfig, load_config
+from launcher.run_dir import holds_a_run, move_aside
 from model.errors import ConfigError
 from trainer.metrics import text_table
 
@@ -120,7 +121,7 @@ def plan(job_args: list[str], modes: list[str], nodes: list[int], per_node: list
             point = Point(mode, n, p, dp, point_ep, tp, point_micro, accum, out / f"{mode}_{n}x{p}")
             point.args = ["--checkpoint.save_final=false", "--logging.progress=false", *job_args,
                           f"--parallel.dp={dp}", f"--parallel.ep={point_ep}",
-                          f"--train.micro_batch_size={point_micro}", "--checkpoint.resume=none",
+                          f"--train.micro_batch_size={point_micro}", "--checkpoint.resume=auto",
                           f"--logging.run_dir={point.run_dir}"]
             job = load_config(point.args)
             try:
@@ -174,7 +175,9 @@ def launch_command(point: Point, launcher: str, template: str | None,
 def run_point(point: Point, launcher: str, template: str | None, sbatch_args: list[str]) -> int:
     """Run one point to its end; its exit code (a Slurm job's from scontrol)."""
     point.run_dir.mkdir(parents=True, exist_ok=True)
-    (point.run_dir / "summary.json").unlink(missing_ok=True)
+    if holds_a_run(point.run_dir):  # a new run of the point; a requeued job resumes (auto)
+        moved = move_aside(point.run_dir)
+        print(f"  the point's previous run moved to {moved}", flush=True)
     cmd, env = launch_command(point, launcher, template, sbatch_args)
     with open(point.run_dir / "launch.log", "w") as log:
         log.write(" ".join(cmd) + "\n")
@@ -339,19 +342,13 @@ def main(argv: list[str] | None = None) -> int:
                         "logging.peak_tflops (else a known GPU's figure)")
     parser.add_argument("--out", type=Path, default=Path("runs/sweep"), help="default runs/sweep")
     parser.add_argument("--rerun", action="store_true", help="run points that already finished")
-    parser.add_argument("--no-plots", action="store_true", help="CSV only (no matplotlib needed)")
+    parser.add_argument("--no-plots", action="store_true", help="the CSV alone, no plots")
     parser.add_argument("job_args", nargs=argparse.REMAINDER, help="-- then launcher.train arguments")
     args = parser.parse_args(argv)
     job_args = args.job_args[1:] if args.job_args[:1] == ["--"] else args.job_args
     try:
         if args.peak_tflops is not None and args.peak_tflops <= 0:
             raise ConfigError(f"--peak-tflops ({args.peak_tflops}) must be > 0")
-        if not args.no_plots:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                raise ConfigError("the plots need matplotlib: pip install 'moe-train[plot]' "
-                                  "(or pass --no-plots for the CSV alone)") from None
         if args.peak_tflops:  # every run computes its MFU with it (trainer/loop.py)
             job_args = [*job_args, f"--logging.peak_tflops={args.peak_tflops}"]
         points = plan(job_args, args.mode, args.nodes, args.per_node, args.out, args.ep,

@@ -88,10 +88,10 @@ def prepare(argv: list[str], env: DistEnv) -> Prepared:
     check_moe_backend(job.moe.backend, backend)
     run_dir = Path(job.logging.run_dir)
     check_writable(run_dir)
-    found = find_checkpoints(job, run_dir)
+    corpus = load_corpus(job.data)
+    found = find_checkpoints(job, run_dir, corpus)
     if job.checkpoint.resume and job.checkpoint.resume != "auto" and found.checkpoints:
         check_steps(found.checkpoints[0], job)
-    corpus = load_corpus(job.data)
     data = rank_data(corpus, job.train, job.model.vocab_size, layout.coords(env.rank)["dp"], layout.dp)
     return Prepared(job, layout, backend, corpus, data, found)
 

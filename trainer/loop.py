@@ -85,6 +85,8 @@ class Trainer:
                                      self.dtype, job.parallel.fsdp_reduce_every_micro_batch)
         self.autocast_bf16 = uses_autocast(job.parallel.zero_stage, self.dtype)
         self.sampler, self.val = data.sampler, data.val_batches
+        self.val_bytes_per_token = data.val_bytes_per_token
+        self.corpus = data.corpus
         self.is_main = topology.rank == 0
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main and job.logging.tensorboard)
         self.tokens_per_step = (topology.size("dp") * self.cfg.micro_batch_size
@@ -166,6 +168,13 @@ class Trainer:
         all_reduce(total, self.topology.groups["dp"])
         return total.item() / self.topology.size("dp")
 
+    def bits_per_byte(self, loss: float | None) -> float | None:
+        """Held-out loss per UTF-8 byte in bits (token loss x tokens / bytes / ln 2), which
+        compares across tokenizers; None when the data's bytes are unknown (a token file) or
+        there is no loss (a run stopped before its first evaluation)."""
+        bpt = self.val_bytes_per_token
+        return loss / math.log(2) / bpt if bpt and loss is not None else None
+
     def _log(self, window: _Window, throughput: Throughput) -> dict:
         """Reduce the window over dp and write scalars; returns them. Collective."""
         rate = throughput.rate()
@@ -236,6 +245,10 @@ class Trainer:
                 "tokens_seen": self.samples_seen * self.cfg.seq_len,
                 "layout": vars(self.topology.layout), "zero_stage": self.job.parallel.zero_stage,
                 "moe_backend": self.job.moe.backend, "config": self.job.to_dict()}
+        if self.is_main and self.corpus is not None:  # rank 0 writes the manifest
+            meta["data_fingerprint"] = self.corpus.fingerprint
+            if self.corpus.tokenizer is not None:
+                meta["tokenizer"] = self.corpus.tokenizer.to_json()
         path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.stepper,
                                self.topology, meta, self.job.checkpoint.keep_last, self.resumed_from)
         self.last_saved_step = self.step
@@ -299,8 +312,10 @@ class Trainer:
                 with throughput.excluded():  # the logged tokens/s and MFU are training's alone
                     if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last:
                         eval_loss = self.evaluate()
-                        self.metrics.scalars(self.step, {"eval/loss": eval_loss})
-                        self.history.append({"step": self.step, "eval_loss": eval_loss})
+                        entry = {"loss": eval_loss, "bpb": self.bits_per_byte(eval_loss)}
+                        entry = {k: v for k, v in entry.items() if v is not None}
+                        self.metrics.scalars(self.step, {f"eval/{k}": v for k, v in entry.items()})
+                        self.history.append({"step": self.step} | {f"eval_{k}": v for k, v in entry.items()})
                         if self.is_main:
                             bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
                     if ck.interval and self.step % ck.interval == 0 and not (last and ck.save_final):
@@ -315,6 +330,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         summary = {"steps": self.step, "start_step": self.origin_step,
                    "steps_run": self.step - self.origin_step, "final_eval_loss": eval_loss,
+                   "final_eval_bpb": self.bits_per_byte(eval_loss),
                    "final_train_loss": scalars.get("train/loss"), "elapsed_s": elapsed,
                    "tokens_per_s": (self.step - self.origin_step) * self.tokens_per_step / elapsed,
                    "evals": self.history, "train": self.train_history,

@@ -1,4 +1,5 @@
-"""moe.backend = deepspeed: token dropping by hand, and checkpoints that cross backends.
+"""moe.backend = deepspeed: token dropping by hand, the capacity settings reaching DeepSpeed,
+and checkpoints that cross backends.
 
 (That the dropless deepspeed backend equals the native one step for step at ep 1, 2, 4 is
 in test_layouts.py.)
@@ -122,3 +123,48 @@ def test_checkpoint_moves_between_backends(tmp_path, src, dst):
     """Saved at ep 2 by one backend, loaded at ep 2 by the other: the same loss on the same
     batch (load-balancing loss off: DeepSpeed's top-2 form differs by design)."""
     run_distributed(_cross, world_size=2, args=(str(tmp_path / "checkpoints"), src, dst), timeout_s=120)
+
+
+# One process: with drop_tokens each rank applies the capacity rule to its own tokens alone.
+# 13 tokens, 4 experts, top 2: tokens / E * top_k = 6.5, not whole, so rounding shows.
+CAPACITY_T = 13
+CAPACITY_CASES = [  # (train?, capacity_factor, eval_capacity_factor, min_capacity), the
+    # capacity DeepSpeed must use, and the capacities that a dropped or mis-rounded setting
+    # would give instead (DeepSpeed's own defaults: factors 1.0, min_capacity 8)
+    ((True, 1.0, 1.0, 0), 7, {"rounded down": 6, "min_capacity not passed": 8}),
+    ((True, 1.0, 1.0, 10), 10, {"min_capacity not passed": 8}),
+    ((True, 0.5, 1.0, 0), 4, {"rounded down": 3, "capacity_factor not passed": 7}),
+    ((False, 0.5, 1.5, 0), 10, {"rounded down": 9, "eval_capacity_factor not passed": 7,
+                                 "capacity_factor used in eval": 4}),
+]
+
+
+@pytest.mark.parametrize("setting, capacity, wrong", CAPACITY_CASES,
+                         ids=["ceil", "min_capacity", "capacity_factor", "eval_capacity_factor"])
+def test_capacity_settings_reach_deepspeed(setting, capacity, wrong):
+    """Dropped slots equal a hand count at capacity max(ceil(T / E * top_k * factor),
+    min_capacity), with the training or the eval factor; the routing is skewed so that every
+    wrong capacity listed would drop a different number."""
+    training, factor, eval_factor, min_capacity = setting
+    cfg = MoEConfig(backend="deepspeed", num_experts=E, top_k=2, expert_hidden=8,
+                    capacity_factor=factor, eval_capacity_factor=eval_factor,
+                    min_capacity=min_capacity, drop_tokens=True, use_rts=False)
+    torch.manual_seed(0)
+    layer = build_moe(D, cfg).train(training)
+    u = F.normalize(torch.ones(D), dim=0)
+    with torch.no_grad():  # experts 0 then 1 are most tokens' first and second choices
+        torch.nn.init.normal_(layer.router.weight, std=0.3)
+        layer.router.weight[0] += 3 * u
+        layer.router.weight[1] += 2.5 * u
+    x = torch.randn(1, CAPACITY_T, D) + 2 * u
+    _, route = layer(x)
+    idx_TK = (x[0] @ layer.router.weight.detach().T).topk(2, dim=-1).indices
+
+    def dropped(c: int) -> int:
+        return int((~_kept_by_hand(idx_TK, c)).sum())
+
+    got = int(route.dropped_slots)
+    assert got == dropped(capacity), (f"DeepSpeed dropped {got} slots; at capacity {capacity} a hand "
+                                      f"count drops {dropped(capacity)}")
+    for why, c in wrong.items():
+        assert dropped(c) != dropped(capacity), f"{why}: this routing cannot tell {c} from {capacity}"

@@ -9,6 +9,9 @@ C: new processes with --checkpoint.resume=auto in B's run dir: they continue fro
    A's (fp32, deterministic algorithms, the same layout).
 D: torchrun --max-restarts=1 with resume=auto, rank 1 crashing after step 6 of the first
    attempt: the agent restarts the workers, they resume from step 4 and end bitwise equal to A.
+
+The native backend's step draws no random numbers, so these runs cannot show the RNG state
+coming back; test_a_random_step_resumes_exactly does, on the deepspeed backend.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch
 
 from checkpoint.reader import open_checkpoint, resolve
 from checkpoint.store import committed
+from tests.distributed.ckpt_setup import make_trainer, step_losses
 from tests.distributed.launch import SMALL, TINY, torchrun
+from tests.distributed.spawn import run_distributed
 
 TIMEOUT_S = 30
 ARGS = ["--config", TINY, *SMALL, "--parallel.dp=2", "--parallel.ep=2", "--train.steps=8", "--checkpoint.interval=4",
@@ -34,7 +39,11 @@ def _losses(run_dir):
 
 
 def _assert_same_final_state(a, b):
-    want, got = open_checkpoint(a / "checkpoints" / "step_00000008"), open_checkpoint(b / "checkpoints" / "step_00000008")
+    _assert_same_checkpoint(a / "checkpoints" / "step_00000008", b / "checkpoints" / "step_00000008")
+
+
+def _assert_same_checkpoint(a, b):
+    want, got = open_checkpoint(a), open_checkpoint(b)
     got.verify()
     assert set(want.tensors) == set(got.tensors)
     assert any(n.startswith("optim/") for n in want.tensors)
@@ -79,3 +88,44 @@ def test_a_killed_save_and_a_crashed_worker_both_resume_exactly(tmp_path):
     resumed = _losses(d)
     assert [resumed[s] for s in range(5, 9)] == [uninterrupted[s] for s in range(5, 9)]
     _assert_same_final_state(a, d)
+
+
+# Every step draws random numbers: Gumbel noise on the top-1 choice (rsample) and random token
+# selection when an expert overflows its capacity (use_rts), from torch's CPU generator.
+RANDOM_STEP = ["--moe.backend=deepspeed", "--moe.top_k=1", "--moe.noisy_gate_policy=rsample",
+               "--moe.use_rts=true", "--moe.drop_tokens=true", "--moe.capacity_factor=0.5"]
+
+
+def _random_run(rank, world, root):
+    """2 steps, save, 2 more, save; then a new trainer resumes the first checkpoint and takes
+    the same 2 steps. Returns the RNG states (at the save, after the resume, at the end),
+    both runs' last 2 losses and final checkpoints."""
+    a = make_trainer(rank, f"{root}/a", "dp2_ep2", *RANDOM_STEP)
+    torch.manual_seed(100 + rank)  # each rank its own stream: a rank given another's shows
+    for _ in range(2):
+        step_losses(a)
+    at_save = torch.get_rng_state()
+    saved = a.save()
+    losses_a = [step_losses(a) for _ in range(2)]
+    end_a = a.save()
+    b = make_trainer(rank, f"{root}/b", "dp2_ep2", *RANDOM_STEP)
+    meta = b.resume(open_checkpoint(saved))
+    after_resume = torch.get_rng_state()
+    losses_b = [step_losses(b) for _ in range(2)]
+    return (meta["rng_restored"], at_save, after_resume, torch.get_rng_state(), losses_a, losses_b,
+            str(end_a), str(b.save()))
+
+
+@pytest.mark.distributed
+def test_a_random_step_resumes_exactly(tmp_path):
+    """deepspeed backend at dp 2 x ep 2 with noisy top-1 gating and random token selection:
+    after loading, each rank's RNG state is the one it saved, and the resumed steps (losses,
+    then every parameter and moment) are bitwise those of the uninterrupted run."""
+    ranks = run_distributed(_random_run, 2, (str(tmp_path),), timeout_s=300)
+    for rank, (restored, at_save, after_resume, end, losses_a, losses_b, end_a, end_b) in enumerate(ranks):
+        assert restored, f"rank {rank}: RNG not restored"
+        assert not torch.equal(at_save, end), f"rank {rank}: the steps drew no random numbers"
+        assert torch.equal(after_resume, at_save), f"rank {rank}: RNG state after loading is not the saved one"
+        assert losses_b == losses_a, f"rank {rank}"
+    assert not torch.equal(ranks[0][1], ranks[1][1]), "the ranks' RNG streams should differ"
+    _assert_same_checkpoint(ranks[0][6], ranks[0][7])

@@ -50,7 +50,9 @@ def test_grouped_mm_bf16_matches_fp32_loop(num_experts, top_k, fused):
 @pytest.mark.parametrize("num_experts, top_k", [(8, 2), (64, 8)])
 def test_forward_and_backward_make_no_host_sync_at_ep1(num_experts, top_k, fused):
     """The real count behind benchmarks.host_syncs' CPU proxy: with CUDA's sync debug mode set
-    to "error", any host synchronisation in the layer's forward or backward raises."""
+    to "error", any host synchronisation in the layer's forward or backward raises. The mode is
+    shown to be on (a host sync inside it raises), and the checked pass is shown to be the real
+    one: its output and gradients equal the warm-up pass's (bf16 tolerance, as above)."""
     torch.manual_seed(0)
     layer = NativeMoE(256, MoEConfig(num_experts=num_experts, top_k=top_k, expert_hidden=128))
     for p in layer.parameters():
@@ -60,11 +62,22 @@ def test_forward_and_backward_make_no_host_sync_at_ep1(num_experts, top_k, fused
         layer.compile_kernels()
     x = torch.randn(4, 512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn_like(x)
-    layer(x)[0].backward(g)  # warm-up: first-call allocations and kernel loads
+    y_warm, _ = layer(x)  # warm-up: first-call allocations and kernel loads
+    y_warm.backward(g)
+    want = {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
+        with pytest.raises(RuntimeError, match="called a synchronizing CUDA operation"):
+            x.sum().item()
         y, _ = layer(x)
         y.backward(g)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    close(y, y_warm.detach())
+    got = {"x": x.grad, **{n: p.grad for n, p in layer.named_parameters()}}
+    for name, grad in want.items():
+        assert got[name] is not None, f"no gradient for {name}"
+        close(got[name], grad, rel=3e-2, what=f"grad of {name}")

@@ -19,6 +19,7 @@ from launcher.train import prepare
 from model.config import MoEConfig
 from model.errors import ConfigError
 from model.moe import build_moe
+from model.moe import megablocks_backend
 from model.moe.megablocks_backend import INSTALL_SCRIPT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,9 +59,17 @@ def test_megablocks_not_importable_names_the_install_script(monkeypatch):
     assert script.is_file() and os.access(script, os.X_OK), f"{script} missing or not executable"
 
 
-def test_other_backends_skip_the_check_and_never_import_megablocks():
+def test_other_backends_skip_the_check_and_never_import_megablocks(monkeypatch):
+    """On a machine where megablocks would be checked (CUDA, nccl), only moe.backend megablocks
+    calls its import; the others pass without it."""
+    calls = []
+    monkeypatch.setattr(megablocks_backend, "import_megablocks", lambda: calls.append(1))
     for backend in ("native", "deepspeed"):
-        check_moe_backend(backend, "gloo", cuda_available=False)
+        for parallel_backend, cuda in (("nccl", True), ("gloo", False)):
+            check_moe_backend(backend, parallel_backend, cuda_available=cuda)
+    assert calls == [], f"import_megablocks called {len(calls)} times for other backends"
+    check_moe_backend("megablocks", "nccl", cuda_available=True)
+    assert calls == [1], "the megablocks check did not go through import_megablocks"
     code = ("import sys; import launcher.train; from model.config import MoEConfig; "
             "from model.moe import build_moe; build_moe(16, MoEConfig()); "
             "bad = [m for m in sys.modules if 'megablocks' in m]; assert not bad, bad")

@@ -90,14 +90,15 @@ def test_causality():
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
-    cfg = TrainConfig(steps=110, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_at(0, cfg) == pytest.approx(0.1)
-    assert lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(10, cfg) == pytest.approx(1.0)
-    assert lr_at(109, cfg) == pytest.approx(0.1)
-    mid = 10 + (110 - 10 - 1) / 2
-    assert lr_at(int(mid), cfg) == pytest.approx(0.55, abs=0.02)
-    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 109))
+    """Warmup over steps 0..9, then cosine from step 10 to the last step, 110: 100 steps, so
+    steps 35, 60 and 85 are a quarter, half and three quarters of the way (cos = sqrt(2)/2,
+    0, -sqrt(2)/2), each value exact to rounding."""
+    cfg = TrainConfig(steps=111, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    exact = {0: 0.1, 4: 0.5, 9: 1.0, 10: 1.0, 35: 0.1 + 0.45 * (1 + math.sqrt(0.5)), 60: 0.55,
+             85: 0.1 + 0.45 * (1 - math.sqrt(0.5)), 110: 0.1, 200: 0.1}
+    for step, want in exact.items():
+        assert lr_at(step, cfg) == pytest.approx(want, rel=1e-12, abs=0), step
+    assert all(lr_at(s, cfg) > lr_at(s + 1, cfg) for s in range(10, 110))
 
 
 def test_weight_decay_only_on_matrices():

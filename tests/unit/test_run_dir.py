@@ -114,7 +114,7 @@ def test_starting_over_moves_the_previous_run_aside(tmp_path):
     (tmp_path / "summary.json").write_text("{}")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / LOCK).write_text("{}")
-    moved = rd._move_aside(tmp_path)
+    moved = rd.move_aside(tmp_path)
     assert moved.parent == tmp_path and moved.name.startswith("previous_")
     assert sorted(p.name for p in moved.iterdir()) == ["checkpoints", "summary.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOCK, moved.name])
