@@ -16,7 +16,8 @@ optimizer steps (Adam creates its state in the first). Per rank, from the tensor
            optimizer state, every buffer DeepSpeed or FSDP keeps, activations and the gathered
            blocks included.
 Expected at stage 3: params, grads and optim of dense parameters 1/dp of stage 0's, of experts
-1/edp (edp = dp / ep x tp), plus padding where a tensor does not split evenly.
+1/edp (edp = dp x tp / ep), plus padding where a tensor does not split evenly. The peak
+differs between ranks and runs by a few MB (when buffers are freed); the largest rank is shown.
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ def _measure(stage, job, topology, tokens, local_rank) -> dict:
             with record_function(f"step{step}"):
                 stepper.begin(1e-3)
                 stepper.backward(stepper.forward(tokens[:, :-1], tokens[:, 1:]).loss)
-                grads = {kind: _bytes(p.grad for p in params) for kind, params in
-                         (("dense", stepper.dense), ("expert", stepper.expert))} if stage in (0, 3) else None
+                grads = None  # DeepSpeed keeps its gradients in its own buffers
+                if stage in (0, 3):
+                    grads = {"dense": _bytes(p.grad for p in stepper.dense),
+                             "expert": _bytes(p.grad for p in stepper.expert)}
                 stepper.finish()
                 stepper.update()
     dense, expert = (stepper.dense, stepper.expert) if stage in (0, 3) else _split(model)
