@@ -52,10 +52,12 @@ from model.errors import ConfigError
 from model.transformer import TransformerLM
 from parallel.collectives import CollectiveError, all_gather_object, barrier
 from parallel.expert_parallel import apply_expert_parallel
+from parallel.fsdp import apply_fully_shard, mixed_precision
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import Layout, Topology
 from trainer.data import Corpus, RankData, load_corpus, rank_data
 from trainer.loop import Trainer
+from trainer.optim import compute_dtype
 
 USAGE = """usage: torchrun --nproc_per_node=N -m launcher.train [--config FILE] [--section.key=value ...]
 
@@ -132,9 +134,10 @@ def check_steps(ckpt: Checkpoint, job: JobConfig) -> None:
 
 def build_model(job: JobConfig, topology: Topology, device: torch.device,
                 init_from: Checkpoint | HFStart | None = None) -> TransformerLM:
-    """The same seed on every rank gives the same full model; tp and ep then keep slices.
-    Our checkpoints fill the whole model before; an HF directory fills each rank's slices
-    after (collective)."""
+    """The same seed on every rank gives the same full model; tp and ep then keep slices, and
+    at zero_stage 3 FSDP shards those over dp (experts: edp) on the device. Our checkpoints
+    fill the whole model before the transforms; an HF directory fills each rank's slices after
+    them, before FSDP (collective)."""
     torch.manual_seed(job.train.seed)
     model = TransformerLM(job.model, job.moe)
     if isinstance(init_from, Checkpoint):
@@ -148,7 +151,10 @@ def build_model(job: JobConfig, topology: Topology, device: torch.device,
     model.set_recompute(job.train.recompute)
     if job.train.compile:
         model.compile_modules()
-    return model.to(device)
+    model = model.to(device)
+    if job.parallel.zero_stage == 3:
+        apply_fully_shard(model, topology, mixed_precision(compute_dtype(job.train.precision, device)))
+    return model
 
 
 def run(argv: list[str]) -> dict:

@@ -67,7 +67,9 @@ class TrainConfig:
     autocast: fp32 weights, gradients and Adam state, the matmuls, attention and expert GEMMs
     in bf16 (router scores and norms stay fp32). At zero_stage 1 and 2 it is DeepSpeed's bf16
     mode: bf16 weights and gradients, fp32 master weights and Adam state in ZeRO's optimizer.
-    Checkpoints hold fp32 weights either way."""
+    At zero_stage 3 it is FSDP's mixed precision: fp32 sharded weights (the master copy) and
+    Adam state, bf16 gathered copies for compute, gradients reduced in fp32. Checkpoints hold
+    fp32 weights either way."""
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "eval_batches"):

@@ -82,7 +82,7 @@ class Trainer:
         self.device, self.run_dir = device, Path(job.logging.run_dir)
         self.dtype = compute_dtype(self.cfg.precision, device)
         self.stepper = build_stepper(model, topology, self.cfg, job.parallel.zero_stage, local_rank,
-                                     self.dtype)
+                                     self.dtype, job.parallel.fsdp_reduce_every_micro_batch)
         self.autocast_bf16 = uses_autocast(job.parallel.zero_stage, self.dtype)
         self.sampler, self.val = data.sampler, data.val_batches
         self.val_bytes_per_token = data.val_bytes_per_token
@@ -114,7 +114,9 @@ class Trainer:
     def precision_label(self) -> str:
         if self.dtype == torch.float32:
             return "fp32"
-        return "bf16 (autocast, fp32 weights)" if self.autocast_bf16 else "bf16 (DeepSpeed, fp32 master)"
+        if self.autocast_bf16:
+            return "bf16 (autocast, fp32 weights)"
+        return "bf16 (" + ("FSDP" if self.stepper.zero_stage == 3 else "DeepSpeed") + ", fp32 master)"
 
     def train_step(self, window: _Window, stop_flag: int = 0) -> StepCheck:
         """One optimizer step, applied only if its loss and gradient norm are finite on every
