@@ -158,6 +158,14 @@ def _train_zero2(rank, world, root):
     return str(trainer.save())
 
 
+def _import_zero3(rank, world, root):
+    """The HF directory at dp 2 x tp 2 x ep 2 under zero_stage 3 (FSDP2), saved at step 0."""
+    from checkpoint.hf.start import start_from_hf
+
+    job = _job(root, *ZERO2, 2, 2, 2, "zero3", "--parallel.zero_stage=3")
+    return str(_trainer(rank, world, job, start_from_hf(job)).save())
+
+
 def _reshard_to_one(rank, world, root, path):
     """The ZeRO-2 checkpoint loaded by one process (no ZeRO) and saved again."""
     from checkpoint.hf.start import start_from_hf
@@ -172,7 +180,8 @@ def _reshard_to_one(rank, world, root, path):
 
 
 def _case(rank, world, kind, *args):
-    return {"import": _import, "zero2": _train_zero2, "reshard": _reshard_to_one}[kind](rank, world, *args)
+    cases = {"import": _import, "zero2": _train_zero2, "zero3": _import_zero3, "reshard": _reshard_to_one}
+    return cases[kind](rank, world, *args)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +200,7 @@ def results(hf_root):
     root = str(hf_root)
     cases = {w: [("import", root, f, lay, *p) for f in FAMILIES for lay in EXPERT_LAYOUTS for p in ps]
              for w, ps in PARALLEL.items()}
-    out = run_cases(_case, 4, cases[4] + [("zero2", root)], timeout_s=900)
+    out = run_cases(_case, 4, cases[4] + [("zero2", root), ("zero3", root)], timeout_s=900)
     trained = case_result(out, ("zero2", root))[0]
     out |= run_cases(_case, 1, cases[1] + [("reshard", root, trained)], timeout_s=600)
     return out
@@ -221,28 +230,11 @@ def _files(folder) -> dict[str, torch.Tensor]:
 def test_import_then_export_is_bitwise_and_transformers_loads_it(results, hf_root, tmp_path, family, layout):
     import transformers as tf
 
-    from checkpoint.hf import FAMILIES as BY_TYPE
-    from checkpoint.hf.export import export_checkpoint
-    from checkpoint.hf.hf_dir import open_hf_dir
-    from checkpoint.reader import open_checkpoint
-
-    original = _files(hf_root / family / layout)
-    config = json.loads((hf_root / family / layout / "config.json").read_text())
     tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
     want = tf.AutoModelForCausalLM.from_pretrained(hf_root / family / layout).eval()(tokens).logits
-    for world, (dp, tp, ep) in [(w, p) for w, ps in PARALLEL.items() for p in ps]:
+    for dp, tp, ep in [p for ps in PARALLEL.values() for p in ps]:
         path = case_result(results, ("import", str(hf_root), family, layout, dp, tp, ep))[0]
-        out = tmp_path / f"dp{dp}-tp{tp}-ep{ep}"
-        export_checkpoint(open_checkpoint(path), out, layout=layout, max_shard_bytes=30_000, progress=False)
-        exported = _files(out)
-        assert exported.keys() == original.keys(), exported.keys() ^ original.keys()
-        for name, t in original.items():
-            assert exported[name].dtype == t.dtype and torch.equal(exported[name], t), (out.name, name)
-        assert (out / "model.safetensors.index.json").is_file()  # 30 kB shards: several files
-        assert set(open_hf_dir(out).source.names()) == original.keys()  # the index matches the files
-        family_of = BY_TYPE[family]
-        assert family_of.config_from_hf(json.loads((out / "config.json").read_text())) == \
-            family_of.config_from_hf(config)
+        out = _export_equals_source(path, hf_root / family / layout, tmp_path / f"dp{dp}-tp{tp}-ep{ep}", layout)
         model, info = tf.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
         assert not any(info.values()), info
         assert torch.equal(model.eval()(tokens).logits, want), out.name
@@ -250,6 +242,37 @@ def test_import_then_export_is_bitwise_and_transformers_loads_it(results, hf_roo
         assert sorted(carried) == (sorted(TOKENIZER_FILES) if (family, layout) == TOKENIZED else [])
         for name in carried:
             assert (out / name).read_bytes() == (hf_root / family / layout / name).read_bytes()
+
+
+def _export_equals_source(path, source, out, layout):
+    """Export checkpoint `path` to `out` in 30 kB shards: every tensor equals the source
+    directory's bit for bit, the index matches the files, config.json maps to the same configs."""
+    from checkpoint.hf.export import export_checkpoint
+    from checkpoint.hf.hf_dir import open_hf_dir
+    from checkpoint.reader import open_checkpoint
+
+    original = _files(source)
+    export_checkpoint(open_checkpoint(path), out, layout=layout, max_shard_bytes=30_000, progress=False)
+    exported = _files(out)
+    assert exported.keys() == original.keys(), exported.keys() ^ original.keys()
+    for name, t in original.items():
+        assert exported[name].dtype == t.dtype and torch.equal(exported[name], t), (out.name, name)
+    assert (out / "model.safetensors.index.json").is_file()  # 30 kB shards: several files
+    assert set(open_hf_dir(out).source.names()) == original.keys()  # the index matches the files
+    a, b = open_hf_dir(out), open_hf_dir(source)
+    assert a.configs() == b.configs()
+    return out
+
+
+@pytest.mark.distributed
+def test_import_at_zero_stage_3_then_export_is_bitwise(results, hf_root, tmp_path):
+    """The directory filled before FSDP shards the parameters (dp 2 x tp 2 x ep 2, stage 3):
+    its step-0 checkpoint exports to the same tensors."""
+    from checkpoint.reader import open_checkpoint
+
+    path = case_result(results, ("zero3", str(hf_root)))[0]
+    assert open_checkpoint(path).meta["zero_stage"] == 3
+    _export_equals_source(path, hf_root / ZERO2[0] / ZERO2[1], tmp_path / "out", ZERO2[1])
 
 
 @pytest.mark.distributed
