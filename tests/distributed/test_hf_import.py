@@ -12,13 +12,15 @@ tolerance: the largest error within REL of the reference tensor's largest magnit
 Each case also saves a checkpoint (step 0), which this process exports: every tensor equals
 the file it came from bit for bit, and transformers loads the export with no missing or
 unexpected key and computes the same logits bit for bit; a directory's tokenizer files go
-along, unless they changed since the run started. A run trained 2 steps at dp 2 x tp 2
+along, unless they changed since the run started. The same at zero_stage 3 (filled before
+FSDP shards), and in the deepspeed backend (logits only). A run trained 2 steps at dp 2 x tp 2
 x ep 2 under ZeRO-2 exports to the same files as after resharding it to one process, and
 greedy moe-generate on a checkpoint equals transformers' generate token for token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from checkpoint.errors import CheckpointError
+from checkpoint.hf.start import SUGGESTED
 from tests.distributed.spawn import case_result, run_cases
 from tests.tolerance import close
 from tests.unit.hf_tiny import tiny_hf, write_dirs
@@ -166,6 +169,24 @@ def _import_zero3(rank, world, root):
     return str(_trainer(rank, world, job, start_from_hf(job)).save())
 
 
+DEEPSPEED = ("--moe.backend=deepspeed", "--moe.drop_tokens=false", "--moe.use_rts=false",
+             "--moe.aux_loss_form=per_layer")  # DeepSpeed's gate has its own loss, not the pooled one
+
+
+def _import_deepspeed(rank, world, root):
+    """Mixtral into the deepspeed backend at dp 4 x ep 2 (dropless): its logits equal
+    transformers' (DeepSpeed's top-2 gate renormalises as Mixtral's router does; its
+    load-balancing loss is its own, so the loss is not compared); saved at step 0."""
+    from checkpoint.hf.start import start_from_hf
+
+    job = _job(root, "mixtral", "per_expert", 4, 1, 2, "deepspeed", *DEEPSPEED)
+    trainer = _trainer(rank, world, job, start_from_hf(job))
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        close(trainer.model.eval()(tokens).logits, _reference(root, "mixtral")(tokens).logits, REL, "logits")
+    return str(trainer.save())
+
+
 def _reshard_to_one(rank, world, root, path):
     """The ZeRO-2 checkpoint loaded by one process (no ZeRO) and saved again."""
     from checkpoint.hf.start import start_from_hf
@@ -180,7 +201,8 @@ def _reshard_to_one(rank, world, root, path):
 
 
 def _case(rank, world, kind, *args):
-    cases = {"import": _import, "zero2": _train_zero2, "zero3": _import_zero3, "reshard": _reshard_to_one}
+    cases = {"import": _import, "zero2": _train_zero2, "zero3": _import_zero3,
+             "deepspeed": _import_deepspeed, "reshard": _reshard_to_one}
     return cases[kind](rank, world, *args)
 
 
@@ -200,7 +222,8 @@ def results(hf_root):
     root = str(hf_root)
     cases = {w: [("import", root, f, lay, *p) for f in FAMILIES for lay in EXPERT_LAYOUTS for p in ps]
              for w, ps in PARALLEL.items()}
-    out = run_cases(_case, 4, cases[4] + [("zero2", root), ("zero3", root)], timeout_s=900)
+    out = run_cases(_case, 4, cases[4] + [("zero2", root), ("zero3", root), ("deepspeed", root)],
+                    timeout_s=900)
     trained = case_result(out, ("zero2", root))[0]
     out |= run_cases(_case, 1, cases[1] + [("reshard", root, trained)], timeout_s=600)
     return out
@@ -244,9 +267,10 @@ def test_import_then_export_is_bitwise_and_transformers_loads_it(results, hf_roo
             assert (out / name).read_bytes() == (hf_root / family / layout / name).read_bytes()
 
 
-def _export_equals_source(path, source, out, layout):
+def _export_equals_source(path, source, out, layout, training=True):
     """Export checkpoint `path` to `out` in 30 kB shards: every tensor equals the source
-    directory's bit for bit, the index matches the files, config.json maps to the same configs."""
+    directory's bit for bit, the index matches the files, config.json maps to the same configs
+    (without `training`: but for the training settings the run set itself)."""
     from checkpoint.hf.export import export_checkpoint
     from checkpoint.hf.hf_dir import open_hf_dir
     from checkpoint.reader import open_checkpoint
@@ -259,9 +283,18 @@ def _export_equals_source(path, source, out, layout):
         assert exported[name].dtype == t.dtype and torch.equal(exported[name], t), (out.name, name)
     assert (out / "model.safetensors.index.json").is_file()  # 30 kB shards: several files
     assert set(open_hf_dir(out).source.names()) == original.keys()  # the index matches the files
-    a, b = open_hf_dir(out), open_hf_dir(source)
-    assert a.configs() == b.configs()
+    (model_a, moe_a), (model_b, moe_b) = open_hf_dir(out).configs(), open_hf_dir(source).configs()
+    if not training:
+        moe_a = dataclasses.replace(moe_a, **{n: getattr(moe_b, n) for n in SUGGESTED["moe"]})
+    assert (model_a, moe_a) == (model_b, moe_b)
     return out
+
+
+@pytest.mark.distributed
+def test_import_into_the_deepspeed_backend_equals_transformers_and_exports_bitwise(results, hf_root, tmp_path):
+    path = case_result(results, ("deepspeed", str(hf_root)))[0]
+    _export_equals_source(path, hf_root / "mixtral" / "per_expert", tmp_path / "out", "per_expert",
+                          training=False)
 
 
 @pytest.mark.distributed
