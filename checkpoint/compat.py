@@ -39,10 +39,13 @@ def first_difference(saved: dict, job, fields: dict, default_ours: bool):
     return None
 
 
-def check_compatible(ckpt: Checkpoint, job, data=None) -> None:
+def check_compatible(ckpt: Checkpoint, job, data=None, resuming: bool | None = None) -> None:
     """The checkpoint's model must be this run's model; a resumed run must also read the same
     data in the same order, or its saved data position would point elsewhere. `data` (the
-    run's Corpus: .tokenizer, .changed_since) adds the checks of the data itself."""
+    run's Corpus: .tokenizer, .changed_since) adds the checks of the data itself. `resuming`
+    False: the checkpoint only gives the weights (checkpoint.init_from); None: the job resumes
+    if it has checkpoint.resume."""
+    resuming = bool(job.checkpoint.resume) if resuming is None else resuming
     saved = ckpt.meta.get("config", {})
     diff = first_difference(saved, job, ARCHITECTURE, default_ours=False)
     if diff:
@@ -50,7 +53,7 @@ def check_compatible(ckpt: Checkpoint, job, data=None) -> None:
                               f"{diff[1]} in the checkpoint and {diff[2]} here")
     if data is not None:
         check_tokenizer(ckpt, data)
-    if not job.checkpoint.resume:
+    if not resuming:
         return
     moe = saved.get("moe", {})
     theirs = bool(moe.get("expert_bias", False)) or moe.get("bias_update_rate", 0.0) > 0
@@ -103,3 +106,16 @@ def _describe(tokenizer: dict) -> str:
         return "bytes"
     return (f"tokenizer.json sha256 {str(tokenizer.get('sha256'))[:12]}, vocabulary "
             f"{tokenizer.get('vocab_size')}, EOS {tokenizer.get('eos_id')}")
+
+
+def check_model_tokenizer(model_tokenizer: str | None, where: str, data) -> None:
+    """An imported model's tokenizer (sha256 of its tokenizer.json, None where it has none)
+    and the run's data must be one: a prepared dataset records the sha256 of the tokenizer
+    it was made with (trainer/data/tokenizer.py), raw bytes record that they are bytes."""
+    ours = data.tokenizer
+    if model_tokenizer is None or ours is None or (ours.kind != "bytes" and ours.sha256 == model_tokenizer):
+        return
+    raise CheckpointError(
+        f"the model of {where} reads ids of its tokenizer (tokenizer.json sha256 "
+        f"{model_tokenizer[:12]}), the data is {_describe(ours.to_json())}: prepare the data "
+        f"with it (moe-prepare-data --tokenizer {where})")

@@ -26,23 +26,24 @@ class Found:
     checkpoints: list[Checkpoint] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     data: object = None  # the run's Corpus, for the checks of the data (checkpoint/compat.py)
+    resuming: bool = True  # False: checkpoint.init_from's (the weights only)
 
 
-def find_checkpoints(job, run_dir: Path, data=None) -> Found:
-    """The checkpoint named by checkpoint.resume or init_from, opened and checked against the
-    run; for "auto", every committed checkpoint of the run dir that opens (structure only:
-    their files' checksums are checked by the job together, in `choose`)."""
-    ck = job.checkpoint
-    spec = ck.resume or ck.init_from
-    if spec is None:
+def find_checkpoints(job, run_dir: Path, data=None, init: bool = False) -> Found:
+    """The checkpoint named by checkpoint.resume (`init`: by init_from; an hf: directory is
+    checkpoint/hf/start.py's), opened and checked against the run; for "auto", every
+    committed checkpoint of the run dir that opens (structure only: their files' checksums
+    are checked by the job together, in `choose`)."""
+    spec = job.checkpoint.init_from if init else job.checkpoint.resume
+    if spec is None or spec.startswith("hf:"):
         return Found(None)
     if spec == "auto":
         found, skipped = candidates(run_dir / "checkpoints")
         out = Found(spec, found, skipped, data)
     else:
-        out = Found(spec, [resolve(spec, run_dir / "checkpoints")[0]], data=data)
+        out = Found(spec, [resolve(spec, run_dir / "checkpoints")[0]], data=data, resuming=not init)
     if out.checkpoints:
-        check_compatible(out.checkpoints[0], job, data)
+        check_compatible(out.checkpoints[0], job, data, out.resuming)
     return out
 
 
@@ -74,7 +75,7 @@ def choose(found: Found, job, rank: int, world_size: int) -> Checkpoint | None:
         problems = _shared_check(ckpt, rank, world_size)
         if not problems:
             ckpt.trust()  # checked by the job: ranks do not hash the files again on load
-            check_compatible(ckpt, job, found.data)  # an older one may not fit; every rank raises it
+            check_compatible(ckpt, job, found.data, found.resuming)  # an older one may not fit
             if rank == 0:
                 for line in broken:
                     print(line, flush=True)

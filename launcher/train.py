@@ -31,6 +31,7 @@ from checkpoint.hf.export import choose_family, export_checkpoint, open_run_chec
 from checkpoint.hf.start import HFStart, load_hf_weights, start_from_hf
 from checkpoint.load import load_weights
 from checkpoint.reader import Checkpoint
+from checkpoint.compat import check_model_tokenizer
 from checkpoint.select import Found, choose, find_checkpoints
 from launcher import exit_codes
 from launcher.config import JobConfig, describe_schema, load_config
@@ -76,7 +77,8 @@ class Prepared:
     backend: str
     corpus: Corpus
     data: RankData
-    found: Found
+    found: Found  # checkpoint.resume's
+    init: Found  # checkpoint.init_from's (our checkpoint; an hf: directory is `hf`)
     hf: HFStart | None = None  # checkpoint.init_from=hf:PATH, opened and checked
 
 
@@ -93,13 +95,16 @@ def prepare(argv: list[str], env: DistEnv) -> Prepared:
     run_dir = Path(job.logging.run_dir)
     check_writable(run_dir)
     corpus = load_corpus(job.data)
-    found = Found(None) if hf else find_checkpoints(job, run_dir, corpus)
+    found = find_checkpoints(job, run_dir, corpus)
+    init = find_checkpoints(job, run_dir, corpus, init=True)
+    if hf is not None:
+        check_model_tokenizer(hf.hf.tokenizer_sha256, str(hf.path), corpus)
     if job.checkpoint.export_hf:
         check_export(job, hf)
     if job.checkpoint.resume and job.checkpoint.resume != "auto" and found.checkpoints:
         check_steps(found.checkpoints[0], job)
     data = rank_data(corpus, job.train, job.model.vocab_size, layout.coords(env.rank)["dp"], layout.dp)
-    return Prepared(job, layout, backend, corpus, data, found, hf)
+    return Prepared(job, layout, backend, corpus, data, found, init, hf)
 
 
 def check_export(job: JobConfig, hf: HFStart | None) -> None:
@@ -170,8 +175,8 @@ def run(argv: list[str]) -> dict:
     try:
         topology = Topology.create(p.layout, job.parallel.timeout_s)
         lock = claim(run_dir, env.rank, bool(job.checkpoint.resume), job.logging.start_over)
-        ckpt = choose(p.found, job, env.rank, env.world_size)
-        if job.checkpoint.resume and ckpt is not None:
+        ckpt = choose(p.found, job, env.rank, env.world_size) if job.checkpoint.resume else None
+        if ckpt is not None:
             check_steps(ckpt, job)
             if ckpt.step == job.train.steps:
                 if env.rank == 0:
@@ -185,11 +190,12 @@ def run(argv: list[str]) -> dict:
             print(f"topology: {topology.describe()}")
         report_placement(env, run_dir)
         device = device_for(p.backend, env.local_rank)
-        init = p.hf or (ckpt if job.checkpoint.init_from else None)
+        # init_from starts the run unless resume=auto found a checkpoint of it to continue.
+        init = None if ckpt is not None else p.hf or choose(p.init, job, env.rank, env.world_size)
         model = build_model(job, topology, device, init)
         if env.rank == 0 and init is not None:
             where = (f"{p.hf.path} ({p.hf.hf.config['model_type']})" if p.hf
-                     else f"{ckpt.path} (step {ckpt.step})")
+                     else f"{init.path} (step {init.step})")
             print(f"weights from {where}; optimizer and step start fresh")
         trainer = Trainer(job, model, topology, device, p.data, env.local_rank)
         # Where the weights came from goes into every checkpoint (export, the tokenizer check).
@@ -200,7 +206,7 @@ def run(argv: list[str]) -> dict:
             recompute = (f", recompute {job.train.recompute} in backward"
                          if job.train.recompute != "none" else "")
             print(f"device: {device}, compute {trainer.precision_label()}{compiled}{recompute}")
-        if job.checkpoint.resume and ckpt is not None:
+        if ckpt is not None:
             trainer.resume(ckpt)
         summary = trainer.fit()
         if env.rank == 0:

@@ -193,7 +193,9 @@ class CheckpointConfig:
     run's. Without it such a resume is refused, naming the file."""
     init_from: str | None = None
     """Start from the model weights of this checkpoint (any layout), with a fresh optimizer
-    and step 0: fine-tuning. Excludes resume. hf:PATH starts from an HF model directory
+    and step 0: fine-tuning. With resume=auto, only while the run dir holds no checkpoint
+    (a requeued fine-tune resumes its own); excludes a resume path. hf:PATH starts from an HF
+    model directory
     (config.json, safetensors): its config.json gives the model and MoE sections' values
     (one set here must agree with it), each rank reads only its own slices (docs/hf.md)."""
     export_hf: str | None = None
@@ -216,9 +218,10 @@ class CheckpointConfig:
         if self.export_hf is not None and not self.save_final:
             raise ConfigError(f"checkpoint.export_hf ({self.export_hf}) exports the final "
                               "checkpoint: it needs checkpoint.save_final true")
-        if self.resume is not None and self.init_from is not None:
+        if self.resume not in (None, "auto") and self.init_from is not None:
             raise ConfigError(f"checkpoint.resume ({self.resume}) and checkpoint.init_from "
-                              f"({self.init_from}) exclude each other")
+                              f"({self.init_from}) exclude each other (with resume=auto, "
+                              "init_from starts the run while its run dir has no checkpoint)")
 
 
 @dataclass

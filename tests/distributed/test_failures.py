@@ -208,3 +208,21 @@ def test_ctrl_c_saves_a_checkpoint_then_exits_130(tmp_path):
     assert "SIGINT" in summary["stopped"] and verified(tmp_path) == [summary["steps"]]
     assert "interrupted: stopped on" in "".join(lines)
     assert "Traceback" not in "".join(lines)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_requeued_fine_tune_resumes_its_own_checkpoint_not_its_start(tmp_path):
+    """resume=auto with init_from (what a Slurm template and a fine-tune give together): the
+    first attempt starts from init_from's weights; a later one continues its own run."""
+    base, tune = tmp_path / "base", tmp_path / "tune"
+    assert moe_run(f"--logging.run_dir={base}", "--train.steps=2").returncode == 0
+    args = [f"--logging.run_dir={tune}", f"--checkpoint.init_from={base / 'checkpoints'}",
+            "--checkpoint.resume=auto", "--checkpoint.interval=1", "--train.seed=7"]
+    first = moe_run(*args, "--train.steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"weights from {base / 'checkpoints' / 'step_00000002'} (step 2)" in first.stdout
+    again = moe_run(*args, "--train.steps=3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {tune / 'checkpoints' / 'step_00000002'}: step 2" in again.stdout
+    assert "weights from" not in again.stdout

@@ -67,6 +67,9 @@ def test_yaml_unknown_key_and_wrong_type(tmp_path):
     ([], 2, r"WORLD_SIZE \(2\) must equal parallel.dp \(4\) x tp \(1\)"),
     (["--data.source=text", "--data.path=/no/such/dir"], 4, r"data.path \(/no/such/dir\) does not exist"),
     (["--data.source=tokens"], 4, r"data.path is required when data.source is 'tokens'"),
+    (["--checkpoint.resume=configs", "--checkpoint.init_from=configs"], 4,
+     r"checkpoint.resume \(configs\) and checkpoint.init_from \(configs\) exclude each other \(with "
+     r"resume=auto, init_from starts the run while its run dir has no checkpoint\)"),
     (["--model.n_heads=3"], 4, r"model.dim \(128\) must be divisible by model.n_heads \(3\)"),
     (["--train.seq_len=512"], 4, r"train.seq_len \(512\) must be <= model.max_seq_len \(128\)"),
     (["--moe.expert_hidden=100"], 4, r"moe.expert_hidden \(100\) to be multiples of 8"),

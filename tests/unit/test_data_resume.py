@@ -71,3 +71,15 @@ def test_a_checkpoint_of_another_tokenizer_is_refused_even_to_start_from(tmp_pat
     with pytest.raises(CheckpointError, match=r"trained on data of another tokenizer \(tokenizer.json "
                        r"sha256 abababababab, vocabulary 4096, EOS 0\) than this run's \(bytes\)"):
         check_compatible(_checkpoint(job, corpus, tokenizer=other), job, corpus)
+
+
+def test_an_imported_models_tokenizer_must_be_the_datas(tmp_path):
+    from checkpoint.compat import check_model_tokenizer
+
+    data = _texts(tmp_path / "data")
+    corpus = load_corpus(_job(data).data)  # bytes
+    check_model_tokenizer(None, "DIR", corpus)  # a byte-level HF model: no tokenizer.json
+    with pytest.raises(CheckpointError, match=r"the model of DIR reads ids of its tokenizer \(tokenizer.json "
+                       r"sha256 cdcdcdcdcdcd\), the data is bytes: prepare the data with it "
+                       r"\(moe-prepare-data --tokenizer DIR\)"):
+        check_model_tokenizer("cd" * 32, "DIR", corpus)
