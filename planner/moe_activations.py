@@ -50,7 +50,9 @@ def routed(s: Shapes) -> list[Saved]:
                    Saved("experts: h1 = x w1", R * Fe * c), Saved("experts: h3 = x w3", R * Fe * c),
                    Saved("combine: sort of the N slots", N * INT64),
                    Saved("combine: expert outputs y_TKD (N rows)", N * D * c),
-                   Saved("combine: weights (fp32)", N * FP32)]
+                   # tp's token slice of the weights is a view (rows of a contiguous tensor):
+                   # what is kept is the router's whole T x K storage.
+                   Saved("combine: weights (fp32, the router's T x K)", s.tokens * s.moe.top_k * FP32)]
 
 
 def shared_expert(s: Shapes) -> list[Saved]:

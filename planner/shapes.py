@@ -5,7 +5,8 @@ tensor parallelism splits heads and dense hidden units, expert parallelism the e
 each tp rank dispatches 1/tp of the tokens (model/moe/native_backend.py).
 
 Routing imbalance: the rows an MoE layer's experts receive on a rank vary with the router.
-`imbalance` is the busiest rank's received rows over the mean (1.0 = balanced, at most ep):
+`imbalance` is the described rank's received rows over the mean (1.0 = balanced); a plan
+describes the busiest rank, whose factor is >= 1 (the tests also describe the others):
 received = imbalance x sent rows, sent = (tokens / tp) x top_k on every rank. Only the rows an
 expert-parallel rank receives are uneven; what it sends is fixed. A rank cannot receive more
 than its ep group sends, so the factor is capped at ep (at ep 1 every row stays).
@@ -137,8 +138,8 @@ def make_shapes(job, world_size: int, gpus_per_node: int | None = None, imbalanc
     per_node = gpus_per_node or world_size
     if per_node < 1:
         raise ConfigError(f"gpus per node ({per_node}) must be >= 1")
-    if not imbalance >= 1.0:
-        raise ConfigError(f"routing imbalance ({imbalance}) must be >= 1: the busiest rank's "
-                          "received rows over the mean (1 = balanced)")
+    if not imbalance > 0:
+        raise ConfigError(f"routing imbalance ({imbalance}) must be > 0: the rows a rank's "
+                          "experts receive over the mean (1 = balanced; the busiest rank's is >= 1)")
     precision = precision_of(job.train.precision, stage, device)
     return Shapes(planned, layout, per_node, float(imbalance), device, precision)
