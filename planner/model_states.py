@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from planner.params import Param, parameters
 from planner.shapes import Shapes
 from planner.sharding import FlatGroup, deepspeed_groups, expert_shard_dim, fsdp_shard
@@ -72,11 +74,19 @@ def _fsdp(s: Shapes, params: list[Param], coords: dict[str, int]) -> ModelStates
 def busiest(s: Shapes, params: list[Param] | None = None) -> tuple[int, ModelStates]:
     """(rank, its states) of the rank holding the most. Stage 0 holds the same everywhere;
     stage 3's rank 0 holds a full chunk of every parameter (the short chunks are the last
-    ranks'); at stages 1-2 the whole parameters a partition overlaps decide, so every rank
-    is looked at."""
+    ranks'); at stages 1-2 only the gradients differ, by the rank's dense partition (its dp
+    index) and expert partition (its edp index): each is computed once, then every rank."""
     params = parameters(s) if params is None else params
     if s.job.parallel.zero_stage in (0, 3):
         return 0, model_states(s, 0, params)
-    groups = deepspeed_groups(params, s.layout.dp, s.layout.edp)
-    return max(((r, model_states(s, r, params, groups)) for r in range(s.layout.world_size)),
-               key=lambda rs: rs[1].total)
+    lay = s.layout
+    groups = deepspeed_groups(params, lay.dp, lay.edp)
+    dense = sum((g.held_by_part for g in groups if not g.expert), np.zeros(lay.dp, dtype=np.int64))
+    expert = sum((g.held_by_part for g in groups if g.expert), np.zeros(lay.edp, dtype=np.int64))
+
+    def held(rank: int) -> int:
+        c = lay.coords(rank)
+        return int(dense[c["dp"]] + expert[c["edp"]])
+
+    rank = max(range(lay.world_size), key=held)
+    return rank, model_states(s, rank, params, groups)

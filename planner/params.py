@@ -14,6 +14,8 @@ expert groups by it (planner/zero_groups.py).
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +41,9 @@ class Param:
     expert: bool
     """On the expert axis: reduced and sharded over edp, not dp."""
 
-    @property
+    @functools.cached_property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def decays(self) -> bool:

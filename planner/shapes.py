@@ -15,6 +15,7 @@ than its ep group sends, so the factor is capped at ep (at ep 1 every row stays)
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 
 from model.config import MoEConfig
@@ -100,7 +101,7 @@ class Shapes:
         m, tp = self.job.model, self.layout.tp
         return m.n_heads // tp, m.kv_heads // tp, m.head_size
 
-    @property
+    @functools.cached_property
     def moe_blocks(self) -> int:
         return sum(self.moe.is_moe_layer(i) for i in range(self.job.model.n_layers))
 

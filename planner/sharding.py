@@ -18,10 +18,10 @@ chunks of ceil(n / world) (the last ones shorter, the storage padded to the full
 
 from __future__ import annotations
 
-import bisect
 import functools
-import itertools
 from dataclasses import dataclass
+
+import numpy as np
 
 from planner.params import Param
 
@@ -43,39 +43,52 @@ class FlatGroup:
     world: int
     """Ranks that share it: dp (dense) or edp (experts)."""
 
-    @property
+    @functools.cached_property
     def numel(self) -> int:
         return sum(self.numels)
 
-    @property
+    @functools.cached_property
     def padded(self) -> int:
         return _ceil_div(self.numel, ALIGNMENT * self.world) * ALIGNMENT * self.world
 
-    @property
+    @functools.cached_property
     def partition(self) -> int:
         return self.padded // self.world
 
     @functools.cached_property
-    def _ends(self) -> list[int]:
-        return list(itertools.accumulate(self.numels))
+    def held_by_part(self) -> np.ndarray:
+        """Gradient elements kept for the step by the owner of each partition: every parameter
+        overlapping it, whole, and zeros for what no parameter covers (its padding)."""
+        ends = np.cumsum(np.asarray(self.numels, dtype=np.int64))
+        starts = ends - np.asarray(self.numels, dtype=np.int64)
+        lo = np.arange(self.world, dtype=np.int64) * self.partition
+        hi = lo + self.partition
+        # Parameters overlapping [lo, hi): those ending after lo and starting before hi.
+        first = np.searchsorted(ends, lo, side="right")
+        last = np.searchsorted(starts, hi, side="left")  # one past the last
+        before = np.concatenate([[0], ends])
+        whole = np.where(last > first, before[last] - before[np.minimum(first, len(ends))], 0)
+        covered = np.clip(self.numel - lo, 0, self.partition)
+        return whole + self.partition - covered
 
     def grads_held(self, part: int) -> int:
-        """Gradient elements kept for the step by the owner of partition `part`: every
-        parameter overlapping it, whole, and zeros for what no parameter covers."""
-        lo, hi = part * self.partition, (part + 1) * self.partition
-        ends = self._ends
-        first = bisect.bisect_right(ends, lo)  # the first parameter ending after lo
-        last = bisect.bisect_left(ends, hi)  # the parameter holding element hi - 1 (or beyond)
-        last = min(last, len(ends) - 1)
-        whole = 0
-        if first < len(ends) and first <= last:
-            whole = ends[last] - (ends[first - 1] if first else 0)
-        covered = min(max(self.numel - lo, 0), self.partition)
-        return whole + self.partition - covered
+        return int(self.held_by_part[part])
+
+
+# A search plans one parameter list (planner/params.py keeps them) at many layouts. The list
+# is kept with its groups, so its id cannot be reused by another list while cached.
+_GROUPS: dict[tuple[int, int, int], tuple[list[Param], list[FlatGroup]]] = {}
 
 
 def deepspeed_groups(params: list[Param], dp: int, edp: int) -> list[FlatGroup]:
     """The groups in DeepSpeed's order: dense decay, dense no_decay, then the expert chunks."""
+    key = (id(params), dp, edp)
+    if key not in _GROUPS or _GROUPS[key][0] is not params:
+        _GROUPS[key] = (params, _groups(params, dp, edp))
+    return _GROUPS[key][1]
+
+
+def _groups(params: list[Param], dp: int, edp: int) -> list[FlatGroup]:
     groups = []
     for decay in (True, False):
         kind = "decay" if decay else "no_decay"

@@ -18,27 +18,39 @@ A model, not a measurement, with its assumptions stated:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from model.flops import model_cost
 from planner.comms import Collective
 from planner.hardware import Hardware
+from parallel.topology import Layout
 from planner.shapes import Shapes
 
 
 def spans_nodes(s: Shapes, group: str) -> bool:
+    return _spans(s.layout, s.gpus_per_node, group)
+
+
+@functools.cache
+def _spans(layout: Layout, per_node: int, group: str) -> bool:
     if group == "world":
-        return s.layout.world_size > s.gpus_per_node
-    return any(len({r // s.gpus_per_node for r in ranks}) > 1 for ranks in s.layout.group_ranks(group))
+        return layout.world_size > per_node
+    return any(len({r // per_node for r in ranks}) > 1 for ranks in layout.group_ranks(group))
 
 
 def a2a_shares(s: Shapes) -> tuple[float, float, float]:
     """Shares of an expert-parallel all-to-all's bytes to itself, its node, other nodes, for
     the rank with the most off-node peers, under routing that is uniform over the experts."""
+    return _a2a_shares(s.layout, s.gpus_per_node)
+
+
+@functools.cache
+def _a2a_shares(layout: Layout, per_node: int) -> tuple[float, float, float]:
     shares = []
-    for ranks in s.layout.group_ranks("ep"):
+    for ranks in layout.group_ranks("ep"):
         for r in ranks:
-            same = sum(q // s.gpus_per_node == r // s.gpus_per_node for q in ranks) - 1
+            same = sum(q // per_node == r // per_node for q in ranks) - 1
             other = len(ranks) - 1 - same
             shares.append((1 / len(ranks), same / len(ranks), other / len(ranks)))
     return max(shares, key=lambda x: x[2])
