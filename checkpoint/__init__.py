@@ -23,7 +23,8 @@ One module per concept:
     reader.py     a committed checkpoint opened for reading: checks, checksums, any block
     save.py       the collective save: every rank writes its pieces, rank 0 commits
     load.py       the collective load under any layout (resharding), and weights-only loads
-    optimizer.py  Adam's state of the plain optimizer (zero_stage 0) in and out
+    optimizer.py  Adam's state of the plain optimizer (zero_stage 0 and 3) in and out
+    fsdp.py       zero_stage 3: FSDP's DTensor shards as blocks of the global tensors
     zero.py       Adam's state and master weights in and out of DeepSpeed's ZeRO partitions
     compat.py     what must agree between a checkpoint and the run that loads it
     select.py     which checkpoint a run resumes or starts from (resume=auto across ranks)

@@ -10,6 +10,8 @@ intersects boxes.
                  over edp (tp partners included)
     tp-sharded   dim `tp_partition_dim` split over tp, replicated over dp
     other dense  replicated over the whole world
+At zero_stage 3 FSDP splits each of these boxes further over the replicas (checkpoint/fsdp.py),
+so every block has one holder, or one per tp column for the dense parameters tp replicates.
 
 Pure arithmetic plus parameter attributes: no collectives.
 """
@@ -21,8 +23,10 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from parallel.expert_parallel import expert_parameter_ids
+from parallel.fsdp import is_fully_sharded
 from parallel.topology import Topology
 
 
@@ -72,10 +76,22 @@ class Shard:
     param: torch.Tensor
     global_shape: tuple[int, ...]
     box: Box
-    replicated_over: str  # "edp" (experts), "dp" (tp-sharded dense), "world" (other dense)
+    # "edp" (experts), "dp" (tp-sharded dense), "world" (other dense); at zero_stage 3
+    # "none" (one holder) or "tp" (dense parameters tp does not split)
+    replicated_over: str
+
+    @property
+    def block(self) -> torch.Tensor:
+        """This rank's values of `box`: the parameter itself, or its local shard when it is an
+        FSDP (zero_stage 3) DTensor parameter; loading writes into it."""
+        return local_block(self.param)
 
     def writes_whole(self, topology: Topology) -> bool:
         """Without ZeRO every replica holds the whole box: the first replica writes it."""
+        if self.box.numel == 0:  # an FSDP shard can be empty: nothing to write
+            return False
+        if self.replicated_over in ("none", "tp"):
+            return self.replicated_over == "none" or topology.coord("tp") == 0
         if self.replicated_over == "edp":
             return topology.coord("edp") == 0
         if self.replicated_over == "dp":
@@ -103,8 +119,26 @@ class Piece(NamedTuple):
         return f"{self.name}|{','.join(map(str, self.box.offsets))}|{self.flat[0]}"
 
 
+def local_block(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (not a differentiable view: writes land in it), else `t`."""
+    if isinstance(t, DTensor):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
 def shards(model: nn.Module, topology: Topology) -> list[Shard]:
-    """Every parameter of the (already tp/ep-transformed) model, in named_parameters order."""
+    """Every parameter of the (already tp/ep-transformed, maybe fully sharded) model, in
+    named_parameters order."""
+    if is_fully_sharded(model):
+        from checkpoint.fsdp import fsdp_shards
+
+        return fsdp_shards(model, topology)
+    return tp_ep_shards(model, topology)
+
+
+def tp_ep_shards(model: nn.Module, topology: Topology) -> list[Shard]:
+    """The boxes tp and ep give each parameter (at zero_stage 3: each DTensor's whole)."""
     expert_ids = expert_parameter_ids(model)
     ep, tp = topology.size("ep"), topology.size("tp")
     out = []

@@ -75,7 +75,7 @@ def load_checkpoint(ckpt: Checkpoint, model: nn.Module, stepper, topology: Topol
         params, buffers = shards(model, topology), buffer_shards(model)
         check_fit(ckpt, params)
         check_fit(ckpt, buffers, "buffer")
-        staged = [(s.param, fetch_param(ckpt, s)) for s in params] + fetch_buffers(ckpt, buffers)
+        staged = [(s.block, fetch_param(ckpt, s)) for s in params] + fetch_buffers(ckpt, buffers)
         apply.append(lambda: _copy_params(staged))
         apply += read_optimizer_state(stepper, ckpt, params)
         rng = ckpt.manifest["rng"].get(str(topology.rank))

@@ -2,8 +2,9 @@
 
 At zero_stage 0 every rank holds the full state of the parameter blocks it holds; the first
 replica of each block writes it (checkpoint/layout.py), at the block's place in the global
-tensor, so any layout reads it back. ZeRO's partitions are checkpoint/zero.py. Adam's step
-count is one number for the whole model.
+tensor, so any layout reads it back. At stage 3 the same holds for each FSDP shard, whose
+state is a DTensor sharded like it (checkpoint/fsdp.py). ZeRO's partitions (stages 1 and 2)
+are checkpoint/zero.py. Adam's step count is one number for the whole model.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from checkpoint.errors import CheckpointError
-from checkpoint.layout import Piece, Shard
+from checkpoint.fsdp import like_param
+from checkpoint.layout import Piece, Shard, local_block
 from checkpoint.reader import Checkpoint
 from parallel.topology import Topology
 
@@ -40,7 +42,7 @@ def adam_step_count(step: int, optimizer: torch.optim.Optimizer, param: torch.Te
 def optimizer_pieces(stepper, params: list[Shard], topology: Topology) -> tuple[list[Piece], int | None]:
     """The checkpoint pieces of the optimizer state this rank writes, and Adam's step count
     (None before the first step). `stepper` is trainer.optim's Stepper."""
-    if stepper.zero_stage:
+    if stepper.zero_stage in (1, 2):
         from checkpoint.zero import zero_pieces
 
         return zero_pieces(stepper.optimizer, params, topology)
@@ -50,7 +52,7 @@ def optimizer_pieces(stepper, params: list[Shard], topology: Topology) -> tuple[
 def read_optimizer_state(stepper, ckpt: Checkpoint, params: list[Shard]) -> list:
     """Read this rank's optimizer state from `ckpt`; returns the closures that install it
     (nothing is changed before they run)."""
-    if stepper.zero_stage:
+    if stepper.zero_stage in (1, 2):
         from checkpoint.zero import read_zero_state
 
         return read_zero_state(stepper.optimizer, ckpt, params)
@@ -60,15 +62,16 @@ def read_optimizer_state(stepper, ckpt: Checkpoint, params: list[Shard]) -> list
 def _plain_pieces(optimizer: torch.optim.Optimizer, params: list[Shard],
                   topology: Topology) -> tuple[list[Piece], int | None]:
     """Adam's moments of the parameter blocks this rank writes (the first replica of each),
-    and the step count (None before the first step)."""
+    and the step count (None before the first step). The state is keyed by the parameter
+    (at stage 3 the DTensor, whose local block the shard holds)."""
     pieces, step = [], None
     for s in params:
         state = optimizer.state.get(s.param, {})
         if "step" in state:
             step = int(state["step"])
         if state and s.writes_whole(topology):
-            pieces += [Piece(f"optim/{s.name}/{k}", s.global_shape, s.box, (0, s.box.numel), state[k])
-                       for k in MOMENTS]
+            pieces += [Piece(f"optim/{s.name}/{k}", s.global_shape, s.box, (0, s.box.numel),
+                             local_block(state[k])) for k in MOMENTS]
     return pieces, step
 
 
@@ -80,6 +83,6 @@ def _read_plain(optimizer: torch.optim.Optimizer, ckpt: Checkpoint, params: list
         optimizer.state.clear()
         for p, moments in staged:
             optimizer.state[p] = {"step": adam_step_count(step, optimizer, p)} | {
-                k: v.to(p.device, p.dtype) for k, v in moments.items()}
+                k: like_param(p, v) for k, v in moments.items()}
 
     return [install]

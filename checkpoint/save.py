@@ -36,7 +36,7 @@ from parallel.topology import Topology
 
 
 def model_pieces(params: list[Shard], topology: Topology, prefix: str = "model") -> list[Piece]:
-    return [Piece(f"{prefix}/{s.name}", s.global_shape, s.box, (0, s.box.numel), s.param.detach())
+    return [Piece(f"{prefix}/{s.name}", s.global_shape, s.box, (0, s.box.numel), s.block.detach())
             for s in params if s.writes_whole(topology)]
 
 

@@ -66,15 +66,35 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class _HashingWriter:
+    """A file as torch.save sees it, hashing the bytes on their way out: torch.save writes a
+    file object front to back (no seek), so this is the file's sha256 without reading it again."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        n = self.f.write(data)
+        self.sha.update(data)
+        self.bytes += len(data)
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Write one rank's pieces atomically; returns its manifest record (bytes, sha256)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        torch.save({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, f)
+        out = _HashingWriter(f)
+        torch.save({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, out)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    if path.stat().st_size != out.bytes:  # the invariant above, checked where it is cheap
+        raise OSError(f"{path}: {path.stat().st_size} bytes on disk, {out.bytes} written")
+    return {"bytes": out.bytes, "sha256": out.sha.hexdigest()}
 
 
 def commit(staging: Path, final: Path, manifest: dict[str, Any]) -> list[str]:

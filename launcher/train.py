@@ -50,11 +50,13 @@ from model.errors import ConfigError
 from model.transformer import TransformerLM
 from parallel.collectives import CollectiveError, all_gather_object, barrier
 from parallel.expert_parallel import apply_expert_parallel
+from parallel.fsdp import apply_fully_shard, mixed_precision
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import Layout, Topology
 from planner.hook import describe as describe_plan
 from trainer.data import Corpus, RankData, load_corpus, rank_data
 from trainer.loop import Trainer
+from trainer.optim import compute_dtype
 
 USAGE = """usage: torchrun --nproc_per_node=N -m launcher.train [--config FILE] [--section.key=value ...]
 
@@ -87,10 +89,10 @@ def prepare(argv: list[str], env: DistEnv) -> Prepared:
     check_moe_backend(job.moe.backend, backend)
     run_dir = Path(job.logging.run_dir)
     check_writable(run_dir)
-    found = find_checkpoints(job, run_dir)
+    corpus = load_corpus(job.data)
+    found = find_checkpoints(job, run_dir, corpus)
     if job.checkpoint.resume and job.checkpoint.resume != "auto" and found.checkpoints:
         check_steps(found.checkpoints[0], job)
-    corpus = load_corpus(job.data)
     data = rank_data(corpus, job.train, job.model.vocab_size, layout.coords(env.rank)["dp"], layout.dp)
     return Prepared(job, layout, backend, corpus, data, found)
 
@@ -118,7 +120,8 @@ def check_steps(ckpt: Checkpoint, job: JobConfig) -> None:
 
 def build_model(job: JobConfig, topology: Topology, device: torch.device,
                 init_from: Checkpoint | None = None) -> TransformerLM:
-    """The same seed on every rank gives the same full model; tp and ep then keep slices."""
+    """The same seed on every rank gives the same full model; tp and ep then keep slices, and
+    at zero_stage 3 FSDP shards those over dp (experts: edp) on the device."""
     torch.manual_seed(job.train.seed)
     model = TransformerLM(job.model, job.moe)
     if init_from is not None:
@@ -130,7 +133,10 @@ def build_model(job: JobConfig, topology: Topology, device: torch.device,
     model.set_recompute(job.train.recompute)
     if job.train.compile:
         model.compile_modules()
-    return model.to(device)
+    model = model.to(device)
+    if job.parallel.zero_stage == 3:
+        apply_fully_shard(model, topology, mixed_precision(compute_dtype(job.train.precision, device)))
+    return model
 
 
 def run(argv: list[str]) -> dict:

@@ -28,7 +28,13 @@ class ParallelConfig:
     zero_stage: int = 0
     """0: every rank keeps the full optimizer state of its parameters (our own reductions);
     1: DeepSpeed ZeRO shards the optimizer state over dp (experts: over edp); 2: also the
-    gradients. 3 is refused: DeepSpeed's ZeRO-3 does not support MoE."""
+    gradients; 3: PyTorch FSDP2 shards the parameters too, with their gradients and optimizer
+    state (dense over dp, experts over edp), gathering one block at a time."""
+    fsdp_reduce_every_micro_batch: bool = False
+    """zero_stage 3 with train.grad_accum > 1: reduce-scatter the gradients after every
+    micro-batch, keeping 1/dp of them (experts: 1/edp) between micro-batches, at grad_accum
+    times the gradient traffic. Off: only the last micro-batch reduces; until then each rank
+    holds its whole (tp/ep-local) gradient in fp32, as at zero_stage 0."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl with CUDA, else gloo), gloo or nccl."""
     timeout_s: float = 300.0
@@ -40,12 +46,11 @@ class ParallelConfig:
         check_positive("parallel.tp", self.tp)
         check_positive("parallel.ep", self.ep)
         check_choice("parallel.backend", self.backend, DIST_BACKENDS)
-        if self.zero_stage == 3:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage ({self.zero_stage}) must be 0, 1, 2 or 3")
+        if self.fsdp_reduce_every_micro_batch and self.zero_stage != 3:
             raise ConfigError(
-                "parallel.zero_stage (3) is not available: DeepSpeed's ZeRO-3 refuses MoE "
-                "models (\"Native DeepSpeed MoE is not supported with ZeRO Stage 3\"); use 1 or 2"
-            )
-        if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"parallel.zero_stage ({self.zero_stage}) must be 0, 1 or 2")
+                f"parallel.fsdp_reduce_every_micro_batch applies to parallel.zero_stage 3 "
+                f"(FSDP), not {self.zero_stage}")
         if self.timeout_s <= 0:
             raise ConfigError(f"parallel.timeout_s ({self.timeout_s}) must be > 0")

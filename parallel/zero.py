@@ -29,6 +29,9 @@ from parallel.collectives import named_region
 from parallel.topology import Topology
 
 
+DEEPSPEED_BUCKET = 500_000_000  # elements: DeepSpeed's default bucket, the cap of ours
+
+
 class TopologyMPU:
     """The model-parallel-unit interface DeepSpeed queries, answered from our topology.
 
@@ -130,12 +133,16 @@ class ZeroStepper:
                      "experts' over edp)")
         group_name = register_groups(model, topology)
         optimizer = make_optimizer(split_params_into_different_moe_groups_for_optimizer(groups))
+        bucket = int(min(DEEPSPEED_BUCKET, sum(p.numel() for p in model.parameters())))
         config = {
             "train_micro_batch_size_per_gpu": micro_batch_size,
             "gradient_accumulation_steps": grad_accum,
             "gradient_clipping": grad_clip,
+            # Buckets no larger than the model: DeepSpeed's default (5e8 elements) allocates
+            # gigabytes of gradient buffer for any model, a small one included.
             "zero_optimization": {"stage": stage, "reduce_scatter": True,
-                                  "contiguous_gradients": True, "overlap_comm": False},
+                                  "contiguous_gradients": True, "overlap_comm": False,
+                                  "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
             # bf16 weights and compute with fp32 master weights (train.precision).
             "bf16": {"enabled": bf16},
             "steps_per_print": 1 << 30,

@@ -8,7 +8,7 @@ from pathlib import Path
 from model.config import check_recompute
 from model.errors import ConfigError, check_choice, check_positive
 
-DATA_SOURCES = ("stdlib", "text", "tokens")
+DATA_SOURCES = ("stdlib", "text", "tokens", "prepared")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -67,7 +67,9 @@ class TrainConfig:
     autocast: fp32 weights, gradients and Adam state, the matmuls, attention and expert GEMMs
     in bf16 (router scores and norms stay fp32). At zero_stage 1 and 2 it is DeepSpeed's bf16
     mode: bf16 weights and gradients, fp32 master weights and Adam state in ZeRO's optimizer.
-    Checkpoints hold fp32 weights either way."""
+    At zero_stage 3 it is FSDP's mixed precision: fp32 sharded weights (the master copy) and
+    Adam state, bf16 gathered copies for compute, gradients reduced in fp32. Checkpoints hold
+    fp32 weights either way."""
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum", "seq_len", "eval_batches"):
@@ -98,23 +100,71 @@ class DataConfig:
     source: str = "stdlib"
     """stdlib: the running Python's standard-library sources as bytes (vocab 256);
     text: a UTF-8/bytes file or a folder of them (bytes, vocab 256);
-    tokens: a pre-tokenized flat binary file read as a numpy memmap."""
+    tokens: a pre-tokenized flat binary file read as a numpy memmap;
+    prepared: one or several datasets written by moe-prepare-data (see docs/data.md)."""
     path: str | None = None
-    """File or folder for source=text, file for source=tokens."""
+    """File or folder for source=text, file for source=tokens; for source=prepared a dataset
+    directory, or several separated by commas (a mixture, weighted by data.weights)."""
     text_glob: str = "**/*.txt"
-    """Files picked from a folder when source=text."""
+    """Files read from a data.path folder when source=text, relative to it. The default reads
+    *.txt files only (.md, .rst, .py, ... are not read): set e.g. '**/*.md' or '**/*'."""
     token_dtype: str = "uint16"
     """numpy dtype of a source=tokens file."""
     holdout_fraction: float = 0.05
-    """Share of the data held out for evaluation (by file where there are several files)."""
+    """Share of the data held out for evaluation (by file where there are several files).
+    source=prepared: fixed when the dataset was prepared (moe-prepare-data --holdout-fraction)."""
+    weights: str | None = None
+    """source=prepared with several datasets: their mixture weights, comma-separated, one per
+    data.path entry and in its order, each > 0 (relative: '3,1' draws 3/4 of the samples from
+    the first). Required with several datasets."""
+    tokenizer: str | None = None
+    """source=prepared: the model's tokenizer (a tokenizer.json, an HF model directory, or
+    bytes). Set, every dataset must have been prepared with it (same file hash, vocabulary
+    and EOS id). Unset, they must still share one tokenizer."""
+
+    def paths(self) -> list[str]:
+        """data.path's entries (several for a prepared mixture)."""
+        if not self.path:
+            return []
+        if self.source != "prepared":
+            return [self.path]
+        return [p.strip() for p in self.path.split(",") if p.strip()]
+
+    def mixture_weights(self) -> list[float]:
+        """data.weights, parsed and checked against data.path (ConfigError naming the values)."""
+        paths = self.paths()
+        if self.weights is None:
+            if len(paths) > 1:
+                raise ConfigError(f"data.weights is required with several datasets in data.path "
+                                  f"({len(paths)}: {', '.join(paths)}), e.g. --data.weights={','.join(['1'] * len(paths))}")
+            return [1.0] * len(paths)
+        try:
+            weights = [float(w) for w in self.weights.split(",")]
+        except ValueError:
+            raise ConfigError(f"data.weights ({self.weights!r}) must be numbers separated by commas") from None
+        if len(weights) != len(paths):
+            raise ConfigError(f"data.weights ({self.weights!r}) has {len(weights)} weight(s), data.path "
+                              f"has {len(paths)} dataset(s)")
+        for p, w in zip(paths, weights):
+            if not (w > 0 and w != float("inf")):
+                raise ConfigError(f"data.weights: the weight of {p} ({w}) must be a finite number > 0")
+        return weights
 
     def validate(self) -> None:
         check_choice("data.source", self.source, DATA_SOURCES)
         if self.source != "stdlib":
             if not self.path:
                 raise ConfigError(f"data.path is required when data.source is {self.source!r}")
-            if not Path(self.path).exists():
-                raise ConfigError(f"data.path ({self.path}) does not exist")
+            for path in self.paths():
+                if not Path(path).exists():
+                    raise ConfigError(f"data.path ({path}) does not exist")
+        if self.source != "prepared":
+            for name in ("weights", "tokenizer"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"data.{name} ({getattr(self, name)}) is for data.source=prepared, "
+                                      f"not {self.source!r}")
+        else:
+            self.mixture_weights()
         check_choice("data.token_dtype", self.token_dtype, ("uint8", "uint16", "int32", "uint32", "int64"))
         if not 0 < self.holdout_fraction < 1:
             raise ConfigError(
@@ -136,6 +186,11 @@ class CheckpointConfig:
     """Resume model, optimizer, data position and RNG: a checkpoint directory, a run's
     checkpoints folder (its `latest`), or auto (the newest verified checkpoint of this run,
     a fresh start when there is none). Any parallel layout may load it."""
+    accept_data_change: bool = False
+    """Resume even though the training data changed since the checkpoint (a file added,
+    removed, edited or re-prepared: the data fingerprint in its metadata differs). The run
+    continues at the saved sample position of the new data, whose order is not the saved
+    run's. Without it such a resume is refused, naming the file."""
     init_from: str | None = None
     """Start from the model weights of this checkpoint (any layout), with a fresh optimizer
     and step 0: fine-tuning. Excludes resume."""

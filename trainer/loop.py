@@ -83,9 +83,11 @@ class Trainer:
         self.device, self.run_dir = device, Path(job.logging.run_dir)
         self.dtype = compute_dtype(self.cfg.precision, device)
         self.stepper = build_stepper(model, topology, self.cfg, job.parallel.zero_stage, local_rank,
-                                     self.dtype)
+                                     self.dtype, job.parallel.fsdp_reduce_every_micro_batch)
         self.autocast_bf16 = uses_autocast(job.parallel.zero_stage, self.dtype)
         self.sampler, self.val = data.sampler, data.val_batches
+        self.val_bytes_per_token = data.val_bytes_per_token
+        self.corpus = data.corpus
         self.is_main = topology.rank == 0
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main and job.logging.tensorboard)
         self.tokens_per_step = (topology.size("dp") * self.cfg.micro_batch_size
@@ -112,7 +114,9 @@ class Trainer:
     def precision_label(self) -> str:
         if self.dtype == torch.float32:
             return "fp32"
-        return "bf16 (autocast, fp32 weights)" if self.autocast_bf16 else "bf16 (DeepSpeed, fp32 master)"
+        if self.autocast_bf16:
+            return "bf16 (autocast, fp32 weights)"
+        return "bf16 (" + ("FSDP" if self.stepper.zero_stage == 3 else "DeepSpeed") + ", fp32 master)"
 
     def train_step(self, window: _Window, stop_flag: int = 0) -> StepCheck:
         """One optimizer step, applied only if its loss and gradient norm are finite on every
@@ -166,6 +170,13 @@ class Trainer:
         total /= len(self.val)
         all_reduce(total, self.topology.groups["dp"])
         return total.item() / self.topology.size("dp")
+
+    def bits_per_byte(self, loss: float | None) -> float | None:
+        """Held-out loss per UTF-8 byte in bits (token loss x tokens / bytes / ln 2), which
+        compares across tokenizers; None when the data's bytes are unknown (a token file) or
+        there is no loss (a run stopped before its first evaluation)."""
+        bpt = self.val_bytes_per_token
+        return loss / math.log(2) / bpt if bpt and loss is not None else None
 
     def _log(self, window: _Window, throughput: Throughput) -> dict:
         """Reduce the window over dp and write scalars; returns them. Collective."""
@@ -238,6 +249,10 @@ class Trainer:
                 "tokens_seen": self.samples_seen * self.cfg.seq_len,
                 "layout": vars(self.topology.layout), "zero_stage": self.job.parallel.zero_stage,
                 "moe_backend": self.job.moe.backend, "config": self.job.to_dict()}
+        if self.is_main and self.corpus is not None:  # rank 0 writes the manifest
+            meta["data_fingerprint"] = self.corpus.fingerprint
+            if self.corpus.tokenizer is not None:
+                meta["tokenizer"] = self.corpus.tokenizer.to_json()
         path = save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.stepper,
                                self.topology, meta, self.job.checkpoint.keep_last, self.resumed_from)
         self.last_saved_step = self.step
@@ -301,8 +316,10 @@ class Trainer:
                 with throughput.excluded():  # the logged tokens/s and MFU are training's alone
                     if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last:
                         eval_loss = self.evaluate()
-                        self.metrics.scalars(self.step, {"eval/loss": eval_loss})
-                        self.history.append({"step": self.step, "eval_loss": eval_loss})
+                        entry = {"loss": eval_loss, "bpb": self.bits_per_byte(eval_loss)}
+                        entry = {k: v for k, v in entry.items() if v is not None}
+                        self.metrics.scalars(self.step, {f"eval/{k}": v for k, v in entry.items()})
+                        self.history.append({"step": self.step} | {f"eval_{k}": v for k, v in entry.items()})
                         if self.is_main:
                             bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
                     if ck.interval and self.step % ck.interval == 0 and not (last and ck.save_final):
@@ -317,6 +334,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         summary = {"steps": self.step, "start_step": self.origin_step,
                    "steps_run": self.step - self.origin_step, "final_eval_loss": eval_loss,
+                   "final_eval_bpb": self.bits_per_byte(eval_loss),
                    "final_train_loss": scalars.get("train/loss"), "elapsed_s": elapsed,
                    "tokens_per_s": (self.step - self.origin_step) * self.tokens_per_step / elapsed,
                    "evals": self.history, "train": self.train_history,

@@ -1,6 +1,7 @@
 """AdamW with decoupled weight decay on matrices only, the warmup + cosine schedule, and the
-two ways one optimizer step is taken: our own reductions (zero_stage 0) or DeepSpeed's ZeRO
-engine (stages 1 and 2, parallel/zero.py). Both are a `Stepper`, so there is one loop."""
+three ways one optimizer step is taken: our own reductions (zero_stage 0), DeepSpeed's ZeRO
+engine (stages 1 and 2, parallel/zero.py) or FSDP2's sharded parameters (stage 3,
+parallel/fsdp.py). Each is a `Stepper`, so there is one loop."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 def uses_autocast(zero_stage: int, dtype: torch.dtype) -> bool:
     """Whether the forward runs under bf16 autocast: at zero_stage 0 a bf16 compute dtype is
-    autocast over fp32 weights; ZeRO (stages 1, 2) casts the model to bf16 itself."""
+    autocast over fp32 weights; ZeRO (stages 1, 2) casts the model to bf16 itself, and at
+    stage 3 FSDP gathers bf16 copies of the fp32 shards (parallel.fsdp.mixed_precision)."""
     return zero_stage == 0 and dtype == torch.bfloat16
 
 
@@ -69,7 +71,7 @@ class Stepper(Protocol):
     if the step is finite on every rank (trainer/divergence.py), update (apply it)."""
 
     optimizer: torch.optim.Optimizer
-    zero_stage: int  # 0: `optimizer` is torch's AdamW; 1, 2: DeepSpeed's ZeRO optimizer
+    zero_stage: int  # 0, 3: `optimizer` is torch's AdamW (3: on DTensor shards); 1, 2: DeepSpeed's
 
     def begin(self, lr: float) -> None: ...
 
@@ -111,11 +113,20 @@ class PlainStepper:
 
 
 def build_stepper(model: nn.Module, topology: Topology, cfg: TrainConfig, zero_stage: int,
-                  local_rank: int, dtype: torch.dtype = torch.float32) -> Stepper:
+                  local_rank: int, dtype: torch.dtype = torch.float32,
+                  reduce_every_micro_batch: bool = False) -> Stepper:
     """`dtype` is the compute dtype (compute_dtype): zero_stage 0 leaves it to the caller's
-    autocast, ZeRO makes the model bf16 itself when it is bf16."""
+    autocast, ZeRO makes the model bf16 itself when it is bf16, and at stage 3 the model
+    comes sharded with its precision policy (launcher.train.build_model).
+    `reduce_every_micro_batch`: parallel.fsdp_reduce_every_micro_batch (stage 3)."""
     if zero_stage == 0:
         return PlainStepper(model, topology, cfg)
+    if zero_stage == 3:
+        from parallel.fsdp import FsdpStepper
+
+        return FsdpStepper(model, topology, lambda params: build_optimizer(params, cfg),
+                           grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
+                           reduce_every_micro_batch=reduce_every_micro_batch)
     from parallel.zero import ZeroStepper  # imports DeepSpeed only when it is used
 
     return ZeroStepper(

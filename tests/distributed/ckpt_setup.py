@@ -71,3 +71,14 @@ def step_losses(trainer: Trainer) -> list[float]:
     losses = window.losses.clone()
     dist.all_reduce(losses, group=trainer.topology.groups["dp"])
     return (losses / trainer.topology.size("dp")).tolist()
+
+
+def resume_and_resave(rank: int, ckpt_dir: str, run_dir: str, layout: str, *extra: str) -> tuple[str, list[float]]:
+    """A trainer at `layout` resumed from the checkpoint in `ckpt_dir`, saved again straight
+    away, then one step: (the new checkpoint's path, that step's losses). Collective."""
+    from checkpoint.reader import resolve
+
+    ckpt, _ = resolve(ckpt_dir, run_dir)
+    trainer = make_trainer(rank, run_dir, layout, *extra)
+    trainer.resume(ckpt)
+    return str(trainer.save()), step_losses(trainer)

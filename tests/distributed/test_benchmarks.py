@@ -5,6 +5,8 @@ And the smoke runs of profile_step.py and activation_memory.py. No speed is asse
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import subprocess
 import sys
 
@@ -31,7 +33,9 @@ def test_e2e_smoke_runs_native_and_reads_its_summary(tmp_path):
     assert r["status"] == "ok" and r["train_tokens_per_s"] == summary["train_tokens_per_s"] > 0
     assert r["mfu"] == pytest.approx(r["train_tokens_per_s"] * r["flops_per_token"] / 0.1e12)
     assert r["peak_memory_bytes"] > 0 and r["final_eval_loss"] > 0
-    assert r["evals"][-1] == {"step": 4, "eval_loss": r["final_eval_loss"]}
+    # byte data: bits per byte is the loss (nats per byte) / ln 2
+    assert r["evals"][-1] == pytest.approx({"step": 4, "eval_loss": r["final_eval_loss"],
+                                            "eval_bpb": r["final_eval_loss"] / math.log(2)})
     assert "native:mb1" in proc.stdout and "skipped: megablocks needs CUDA" in proc.stdout
 
 
@@ -106,3 +110,52 @@ def test_e2e_reads_the_loss_curve_of_a_run_cut_off(tmp_path):
     log.write_text("device: cuda:0\nstep 100: eval loss 2.3176\n[rank0]: noise\nstep 200: eval loss 1.7808\n")
     assert evals_in_log(log) == [{"step": 100, "eval_loss": 2.3176}, {"step": 200, "eval_loss": 1.7808}]
     assert evals_in_log(tmp_path / "missing.log") == []
+
+
+@pytest.mark.distributed
+def test_checkpoint_io_smoke_saves_and_loads_the_step_state_with_every_variant(tmp_path):
+    """benchmarks/checkpoint_io.py --smoke: every variant's row; the state it moved is the
+    parameters, Adam's two moments, the buffers and each rank's RNG state (counted here from
+    the model alone); warm loads found every page cached, cold loads none; the ratios are to
+    torch's row. The benchmark itself fails unless every load restored the saved state bitwise."""
+    import torch
+
+    from launcher.config import load_config
+    from model.transformer import TransformerLM
+
+    from benchmarks.checkpoint_io import BASE, CASES, WORLD
+
+    proc = subprocess.run([sys.executable, "benchmarks/checkpoint_io.py", "--smoke", "--scratch",
+                           str(tmp_path), "--out", str(tmp_path / "out")], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "checkpoint_io.json").read_text())
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert list(rows) == ["ours", "ours-trusted", "torch", "torch-nofsync", "dcp"]
+
+    job = load_config(["--config", "configs/cpu_tiny.yaml", *BASE, *CASES["smoke"]])
+    with torch.device("meta"):
+        model = TransformerLM(job.model, job.moe)
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    persistent = set(model.state_dict()) - {n for n, _ in model.named_parameters()}
+    buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n in persistent)
+    state = 3 * params + buffers + WORLD * torch.get_rng_state().numel()
+    assert all(r["state_bytes"] == state for r in rows.values()), (state, rows["ours"]["state_bytes"])
+
+    cached = (1.0, 0.0) if shutil.which("fincore") else (None, None)  # util-linux's fincore measures it
+    torch_row = rows["torch"]
+    for name, r in rows.items():
+        saves, loads = name != "ours-trusted", name not in ("torch-nofsync",)
+        assert (r["save_s"] is not None, r["load_warm_s"] is not None) == (saves, loads), name
+        if saves:
+            assert r["bytes_written"] >= state
+            assert r["save_vs_torch"] == pytest.approx(r["save_s"] / torch_row["save_s"])
+            assert r["save_gbps"] == pytest.approx(state / 1e9 / r["save_s"])
+        if loads:
+            assert (r["resident_warm"], r["resident_cold"]) == cached, name
+            assert r["load_cold_vs_torch"] == pytest.approx(r["load_cold_s"] / torch_row["load_cold_s"])
+    # ranks 1-3 read rank 0's file as well (the dense weights): more than was written
+    assert rows["ours"]["bytes_read"] > rows["ours"]["bytes_written"] > torch_row["bytes_read"] >= state
+    text = (tmp_path / "out" / "checkpoint_io.txt").read_text().splitlines()
+    assert text[0] == f"$ {report['command']}" and "--smoke" in text[0]
+    assert text[2].startswith("load average (1, 5, 15 min) before: ") and "after:" in text[3]

@@ -121,6 +121,41 @@ def test_resume_auto_shares_the_checksums_between_ranks_and_skips_a_broken_one(c
     assert "skipping broken checkpoint" in out and "step_00000002" in out and "shard_00001.pt" in out
 
 
+def _choose_path(rank, world, path):
+    """checkpoint.select.choose of an explicit path, counting the files each rank hashes."""
+    import checkpoint.reader as reader
+
+    hashed = []
+    original = reader.sha256_file
+
+    def counting(p):
+        hashed.append(p.name)
+        return original(p)
+
+    reader.sha256_file = counting
+    job = load_config(["--config", "configs/cpu_tiny.yaml", *SMALL, f"--checkpoint.resume={path}"])
+    try:
+        chosen = choose(Found(str(path), [open_checkpoint(path)]), job, rank, world)
+    except CheckpointError as exc:
+        return str(exc), hashed
+    for name in chosen.manifest["files"]:
+        chosen.load_file(name)  # trusted: no second hash
+    return chosen.step, hashed
+
+
+@pytest.mark.distributed
+def test_an_explicit_checkpoint_is_hashed_once_by_the_job_and_refused_everywhere_if_broken(copy):
+    path = copy / "step_00000002"
+    files = sorted(p.name for p in path.glob("shard_*.pt"))
+    for rank, (step, hashed) in enumerate(run_distributed(_choose_path, 2, (path,), timeout_s=120)):
+        assert step == 2 and hashed == files[rank::2]  # its share, and nothing again on load
+    _flip_byte(path / "shard_00001.pt")
+    messages = [m for m, _ in run_distributed(_choose_path, 2, (path,), timeout_s=120)]
+    assert messages[0] == messages[1]
+    assert messages[0].startswith(f"cannot load checkpoint {path}: checkpoint file")
+    assert "shard_00001.pt is corrupted" in messages[0]
+
+
 def _choose_from_different_lists(rank, world, roots):
     from checkpoint.reader import candidates
 

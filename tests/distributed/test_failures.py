@@ -12,6 +12,7 @@ Through `moe-run` (launcher.agent: torchrun returning the job's code), 2 ranks, 
   first, stopped by SIGTERM to its agent, exits 75 with its checkpoint and its summary;
 - a finished run resumed: code 0, files untouched; train.steps below it: code 2; a fresh
   start into it: code 2 unless logging.start_over; every checkpoint broken: code 4;
+- data too small for the layout: code 5, said once;
 - Ctrl-C (SIGINT to the job's process group): a checkpoint, then code 130.
 A full disk (a small tmpfs where one can be mounted, else an injected ENOSPC) is in-process.
 """
@@ -65,6 +66,19 @@ def test_a_config_error_through_moe_run_is_said_once_with_its_code(tmp_path):
     assert lines == ["config error: unknown config key 'moe.top_kk' (did you mean 'moe.top_k'?) "
                      "(exit code 2)"], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.distributed
+def test_data_too_small_for_the_layout_is_a_data_error(tmp_path):
+    text = tmp_path / "tiny.txt"
+    text.write_text("too little " * 20)
+    proc = moe_run(f"--logging.run_dir={tmp_path / 'run'}", "--data.source=text", f"--data.path={text}",
+                   timeout=120)
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    # said once: by rank 0, or by the agent for the rank that failed first (torchrun then
+    # stops the others, which may not have got as far)
+    lines = [x for x in proc.stderr.splitlines() if "data error: held-out data" in x]
+    assert len(lines) == 1 and "fewer than micro_batch_size * dp_size" in lines[0], proc.stderr[-3000:]
 
 
 @pytest.mark.distributed
@@ -139,6 +153,8 @@ def test_a_second_job_on_a_run_dir_is_refused_naming_the_first(tmp_path):
 @pytest.mark.slow
 def test_a_finished_run_is_left_alone_and_a_used_run_dir_is_not_reused_silently(tmp_path):
     assert moe_run(f"--logging.run_dir={tmp_path}", "--train.steps=3").returncode == 0
+    meta = open_checkpoint(committed(tmp_path / "checkpoints")[0]).meta
+    assert meta["tokenizer"]["kind"] == "bytes" and meta["data_fingerprint"]["roots"]  # what resume checks
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file()}
 
     proc = moe_run(f"--logging.run_dir={tmp_path}", "--train.steps=3", "--checkpoint.resume=auto")

@@ -97,7 +97,7 @@ BAD_INPUT = [
     (["--train.steps=ten"], "train.steps must be an integer, got 'ten'"),
     (["--parallel.dp=1", "--parallel.tp=2", "--parallel.ep=1", "--model.n_heads=1", "--model.dim=64"],
      "model.n_heads (1) must be divisible by parallel.tp (2)"),
-    (["--parallel.dp=2", "--parallel.zero_stage=3"], "parallel.zero_stage (3) is not available"),
+    (["--parallel.dp=2", "--parallel.zero_stage=4"], "parallel.zero_stage (4) must be 0, 1, 2 or 3"),
     (["--parallel.dp=2", "--parallel.ep=2", "--logging.run_dir=/dev/null/run"], "logging.run_dir (/dev/null/run) cannot be created"),
 ]
 

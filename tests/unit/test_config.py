@@ -123,8 +123,9 @@ def test_yaml_unknown_key_and_wrong_type(tmp_path):
     (["--parallel.dp=2", "--parallel.tp=2", "--parallel.ep=2", "--train.micro_batch_size=1",
       "--train.seq_len=3", "--model.max_seq_len=3"], 4,
      r"train.micro_batch_size x train.seq_len \(3\), must be divisible by parallel.tp \(2\)"),
-    (["--parallel.zero_stage=3"], 4, r"parallel.zero_stage \(3\) is not available: DeepSpeed's ZeRO-3 refuses MoE"),
-    (["--parallel.zero_stage=5"], 4, r"parallel.zero_stage \(5\) must be 0, 1 or 2"),
+    (["--parallel.zero_stage=5"], 4, r"parallel.zero_stage \(5\) must be 0, 1, 2 or 3"),
+    (["--parallel.zero_stage=2", "--parallel.fsdp_reduce_every_micro_batch=true"], 4,
+     r"parallel.fsdp_reduce_every_micro_batch applies to parallel.zero_stage 3 \(FSDP\), not 2"),
     (["--train.precision=fp16"], 4, r"train.precision \('fp16'\) must be one of: auto, fp32, bf16$"),
     (["--train.recompute=attention"], 4, r"train.recompute \('attention'\) must be one of: none, ffn, full$"),
 ])

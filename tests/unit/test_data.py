@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sysconfig
 from pathlib import Path
 
@@ -322,3 +323,37 @@ def test_token_file_with_ids_beyond_the_vocabulary_is_refused_at_start(tmp_path)
     with pytest.raises(ConfigError, match=r"train data holds token 300, outside \[0, model.vocab_size=256\)"):
         rank_data(corpus, train, vocab_size=256, dp_rank=0, dp_size=1)
     assert len(rank_data(corpus, train, vocab_size=512, dp_rank=0, dp_size=1).val_batches) == 1
+
+
+def test_a_folder_too_small_for_the_layout_says_what_matched_and_the_fix(tmp_path):
+    """Issue 19: *.md files beside two small *.txt files are not read by the default glob;
+    the error counts the matched files, names the others and gives the setting to change."""
+    from trainer.config import TrainConfig
+    from trainer.data import rank_data
+
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_bytes(b"x" * 300)
+    for name in ("guide.md", "notes.md", "sub/more.md"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"y" * 5000)
+    corpus = load_corpus(DataConfig(source="text", path=str(tmp_path)))
+    with pytest.raises(ConfigError) as err:
+        rank_data(corpus, TrainConfig(seq_len=64, micro_batch_size=8), 256, 0, 2)
+    assert str(err.value).endswith(
+        f"fewer than micro_batch_size * dp_size = 16 needed per step; 2 file(s) in data.path ({tmp_path}) "
+        "match data.text_glob ('**/*.txt'); 3 other file(s) do not (e.g. guide.md, notes.md, sub/more.md): "
+        "to read them set data.text_glob, e.g. --data.text_glob='**/*.md' or '**/*'")
+    wider = load_corpus(DataConfig(source="text", path=str(tmp_path), text_glob="**/*"))
+    assert len(rank_data(wider, TrainConfig(seq_len=64, micro_batch_size=8), 256, 0, 2).val_batches) == 8
+
+
+def test_a_folder_with_no_matching_file_counts_the_others(tmp_path):
+    (tmp_path / "a.md").write_bytes(b"hello")
+    (tmp_path / "b.md").write_bytes(b"hello")
+    with pytest.raises(ConfigError, match=re.escape(
+            f"no data: 0 file(s) in data.path ({tmp_path}) match data.text_glob ('**/*.txt'); 2 other file(s) "
+            "do not (e.g. a.md, b.md): to read them set data.text_glob, e.g. --data.text_glob='**/*.md' or '**/*'")):
+        load_corpus(DataConfig(source="text", path=str(tmp_path)))
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"no data: the 1 file\(s\) in data.path .* matching data.text_glob \('\*\*/\*.txt'\) are all empty"):
+        load_corpus(DataConfig(source="text", path=str(tmp_path)))

@@ -14,7 +14,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # Pages written on other branches, linked from here before they land. A link to one of them
 # may dangle only while the page is missing; once it exists, remove it from this set.
-PENDING = {"docs/data.md", "docs/hf.md"}
+PENDING = {"docs/hf.md"}
 
 
 def _generator():
