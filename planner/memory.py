@@ -8,7 +8,8 @@ Peak (a model, held against a GPU's max_memory_allocated by benchmarks/plan_vs_m
 the largest of three moments of a step, each the resident states plus what is alive then:
   forward end  every block's activations, the fp32 logits the loop keeps (out.logits, until
                the next micro-batch's forward returns, so two of them with accumulation),
-               gradients already accumulated (micro-batches after the first at stages 0-1),
+               gradients already accumulated (micro-batches after the first: whole at stages
+               0-1 and at 3 without parallel.fsdp_reduce_every_micro_batch),
                one MoE layer's all-to-all buffers;
   backward     walking the blocks from the last: the activations not yet freed plus the
                gradients made so far, plus one block's working set (its activations again,
@@ -30,8 +31,8 @@ from planner.activations import Activations, activations
 from planner.model_states import ModelStates, busiest
 from planner.params import Param, parameters
 from planner.shapes import Shapes
+from planner.sharding import reduce_bucket
 
-REDUCE_BUCKET = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size default
 ALLOWANCE_FIXED = 1 << 30  # CUDA context, NCCL buffers
 ALLOWANCE_FRACTION = 0.05  # workspaces, fragmentation
 
@@ -87,13 +88,17 @@ def memory_plan(s: Shapes) -> MemoryPlan:
     static = states.params + states.optimizer + states.master
     accum = s.micro_batches > 1
 
-    # Gradients as backward makes them: full ones at stages 0-1, then stage 1 reduces at the end.
+    # Gradients as backward makes them: whole ones at stages 0-1 (stage 1 reduces at the end),
+    # and at stage 3 in the micro-batches that do not reduce-scatter (parallel/fsdp.py).
+    scatter_each = s.job.parallel.fsdp_reduce_every_micro_batch
+    whole = stage < 2 or (stage == 3 and accum and not scatter_each)
     full_grad = sum(q.numel for q in params) * p.grad
-    grad_blocks, grad_head, grad_embed = _block_params(params, p.grad if stage < 2 else 0, m.n_layers)
+    grad_blocks, grad_head, grad_embed = _block_params(params, p.grad if whole else 0, m.n_layers)
     transients = {}
     if stage in (1, 2):
-        transients["DeepSpeed reduce bucket (reduce_bucket_size elements)"] = REDUCE_BUCKET * p.grad
-        transients["its flattened copy for the all-reduce"] = min(full_grad, REDUCE_BUCKET * p.grad)
+        bucket_bytes = reduce_bucket(params) * p.grad
+        transients["DeepSpeed reduce bucket (reduce_bucket_size elements)"] = bucket_bytes
+        transients["its flattened copy for the all-reduce"] = min(full_grad, bucket_bytes)
     if stage == 3:
         transients["two FSDP units' gathered parameters"] = 2 * _largest_unit(params, s) * p.compute
     bucket = sum(transients.values())
@@ -102,10 +107,10 @@ def memory_plan(s: Shapes) -> MemoryPlan:
 
     # With accumulation, the gradients of earlier micro-batches are there already (stages 0-1:
     # whole; stage 2: this rank's part) and backward adds into them in place.
-    earlier = full_grad if accum and stage < 2 else 0.0
+    earlier = full_grad if accum and whole else 0.0
     fwd = (static + total_acts + logits * (2 if accum else 1) + a2a + earlier
            + (held_in_backward if accum else 0.0))
-    grows = not (accum and stage < 2)
+    grows = not (accum and whole)
     grads = earlier + (grad_head if grows else 0.0)
     # Backward starts at the loss: the logits' gradient and log-softmax's, beside the logits.
     bwd = static + total_acts + 3 * logits + grads + held_in_backward + bucket

@@ -8,9 +8,10 @@ As the trainer runs each stage (trainer/optim.py, parallel/zero.py, parallel/fsd
      with Adam's moments, and the gradients of the parameters overlapping the partition, whole,
      in the parameters' dtype. Stage 1 and 2 hold the same at the step; they differ during
      backward (planner/memory.py);
-  3  FSDP2 (not on this branch yet: parallel/fsdp.py's design): each fp32 parameter cut over
-     dp (experts over edp, on the first dim edp divides), storage padded to equal chunks; the
-     gradients and moments of the unpadded shard. The fp32 shards are the master weights.
+  3  FSDP2 (parallel/fsdp.py): each fp32 parameter cut over
+     dp (experts over edp, on the first dim edp divides), storage padded to equal chunks, the
+     gradients too (views of the padded reduce-scatter output), the moments of the unpadded
+     shard. The fp32 shards are the master weights.
 Adam's step counters (0-d tensors) are left out. `part`: this rank's index in each group.
 """
 
@@ -68,7 +69,9 @@ def _fsdp(s: Shapes, params: list[Param], coords: dict[str, int]) -> ModelStates
         dim = expert_shard_dim(q.shape, world) if q.expert else 0
         mine, padded = fsdp_shard(q, world, part, dim)
         local, stored = local + mine, stored + padded
-    return ModelStates(stored * FP32, local * FP32, ADAM_MOMENTS * local * FP32, 0)
+    # The reduce-scattered gradients are views of FSDP2's padded output buffer; Adam's moments
+    # are made like the unpadded local shard.
+    return ModelStates(stored * FP32, stored * FP32, ADAM_MOMENTS * local * FP32, 0)
 
 
 def busiest(s: Shapes, params: list[Param] | None = None) -> tuple[int, ModelStates]:

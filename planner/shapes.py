@@ -127,15 +127,7 @@ def make_shapes(job, world_size: int, gpus_per_node: int | None = None, imbalanc
     planned.data = DataConfig(source="tokens", path=".")
     planned.checkpoint = type(job.checkpoint)()
     stage = job.parallel.zero_stage
-    if stage == 3:
-        # Modelled from parallel/fsdp.py's design (FSDP2), which this branch's config does not
-        # accept yet: the rest of the job is validated as for the other stages.
-        if job.moe.backend == "deepspeed":
-            raise ConfigError("parallel.zero_stage 3 (FSDP2) does not compose with moe.backend "
-                              "deepspeed: its capacity experts are DeepSpeed's module")
-        planned.parallel.zero_stage = 2
     layout = planned.validate(world_size)
-    planned.parallel.zero_stage = stage
     per_node = gpus_per_node or world_size
     if per_node < 1:
         raise ConfigError(f"gpus per node ({per_node}) must be >= 1")

@@ -12,7 +12,7 @@ configures it:
 - after backward each rank keeps the gradients of the parameters that overlap its partition,
   whole (copy_grads_in_partition), plus zeros for the part of the partition no parameter
   covers (the padding): what the step reads.
-FSDP2 (parallel/fsdp.py, another branch): each parameter is cut on one dim into world-many
+FSDP2 (parallel/fsdp.py): each parameter is cut on one dim into world-many
 chunks of ceil(n / world) (the last ones shorter, the storage padded to the full chunk).
 """
 
@@ -27,6 +27,14 @@ from planner.params import Param
 
 MAX_EXPERT_GROUP = 178_956_971  # DeepSpeed's max_group_size for MoE groups
 ALIGNMENT = 2  # nccl_start_alignment_factor
+
+
+def reduce_bucket(params: list[Param]) -> int:
+    """parallel/zero.py's reduce_bucket_size: DeepSpeed's 5e8 elements, or this rank's
+    parameters if fewer (so a small model's bucket is not gigabytes)."""
+    from parallel.zero import DEEPSPEED_BUCKET
+
+    return min(DEEPSPEED_BUCKET, sum(p.numel for p in params))
 
 
 def _ceil_div(a: int, b: int) -> int:

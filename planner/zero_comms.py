@@ -4,7 +4,8 @@
      dp when dp > 1, one of every expert gradient over edp when edp > 1; the norm's squared
      sums: tp-split dense parameters over tp, experts over ep (when those exceed 1).
   1-2  DeepSpeed 0.19.8 (runtime/zero/stage_1_and_2.py) with parallel/zero.py's settings:
-     gradients are copied into a reduce bucket of 5e8 elements; each time it would overflow,
+     gradients are copied into a reduce bucket (5e8 elements, or the rank's parameters if
+     fewer: parallel/zero.py); each time it would overflow,
      and once at the end of backward, the bucket is all-reduced, one call per process group
      it holds (dp for dense, edp for experts: use_multi_rank_bucket_allreduce), in the
      parameters' dtype; stage 2 does this in every micro-batch's backward, stage 1 once at
@@ -13,10 +14,11 @@
      (stage 1). The norm: per group one 4-byte all-reduce over dp and, with tp, one over tp;
      per expert group one over edp. After the step, each group of more than one rank
      all-gathers its partitions (all_gather_into_tensor).
-  3  FSDP2 (parallel/fsdp.py's design, not on this branch): per unit (a block's dense
+  3  FSDP2 (parallel/fsdp.py): per unit (a block's dense
      parameters on dp, its experts on edp, the embedding, the output end) an all-gather of the
      shards before forward and again before backward (the output end stays gathered), in
-     the compute dtype, and a reduce-scatter of the fp32 gradients at the last micro-batch;
+     the compute dtype, and a reduce-scatter of the fp32 gradients at the last micro-batch
+     (every micro-batch with parallel.fsdp_reduce_every_micro_batch);
      the norm: one all-reduce over the world.
 """
 
@@ -25,9 +27,8 @@ from __future__ import annotations
 from planner.comms import FP32, Collective
 from planner.params import Param, parameters
 from planner.shapes import Shapes
-from planner.sharding import deepspeed_groups
+from planner.sharding import deepspeed_groups, reduce_bucket
 
-REDUCE_BUCKET = 500_000_000
 
 
 def gradient_collectives(s: Shapes) -> list[Collective]:
@@ -55,16 +56,16 @@ def _ours(s: Shapes, params: list[Param]) -> list[Collective]:
     return out
 
 
-def _flushes(order: list[Param]) -> list[dict[bool, int]]:
-    """Elements per flush of DeepSpeed's reduce bucket, split dense/expert."""
+def _flushes(order: list[Param], limit: int) -> list[dict[bool, int]]:
+    """Elements per flush of DeepSpeed's reduce bucket of `limit` elements, dense/expert."""
     flushes, bucket, size = [], {False: 0, True: 0}, 0
     for p in order:
-        if size + p.numel > REDUCE_BUCKET and size:
+        if size + p.numel > limit and size:
             flushes.append(bucket)
             bucket, size = {False: 0, True: 0}, 0
         bucket[p.expert] += p.numel
         size += p.numel
-        if p.numel > REDUCE_BUCKET:  # reduced on its own, straight away
+        if p.numel > limit:  # reduced on its own, straight away
             flushes.append(bucket)
             bucket, size = {False: 0, True: 0}, 0
     if size:
@@ -82,7 +83,7 @@ def _deepspeed(s: Shapes, params: list[Param]) -> list[Collective]:
         order = ([q for q in params if not q.expert and q.decays]
                  + [q for q in params if not q.expert and not q.decays] + [q for q in params if q.expert])
     calls: dict[tuple[str, float], int] = {}
-    for flush in _flushes(order):
+    for flush in _flushes(order, reduce_bucket(params)):
         for expert, n in flush.items():
             if n:
                 key = ("edp" if expert else "dp", n * p.grad)
@@ -114,14 +115,17 @@ def _fsdp(s: Shapes, params: list[Param]) -> list[Collective]:
         world = lay.edp if q.expert else lay.dp
         dim = expert_shard_dim(q.shape, world) if q.expert else 0
         units[(unit, q.expert)] = units.get((unit, q.expert), 0) + fsdp_shard(q, world, 0, dim)[1]
+    scatters = s.micro_batches if s.job.parallel.fsdp_reduce_every_micro_batch else 1
     out = []
     for (unit, expert), shard in units.items():
         group = "edp" if expert else "dp"
         world = lay.edp if expert else lay.dp
+        if world == 1:  # FSDP2 runs no collective on a mesh of one
+            continue
         gathers = 1 if unit == "output end" else 2
         out += [Collective("all_gather", group, shard * c, gathers * s.micro_batches,
                            f"FSDP unit {unit}{' experts' if expert else ''}: parameters", "FSDP2"),
-                Collective("reduce_scatter", group, shard * world * FP32, 1,
+                Collective("reduce_scatter", group, shard * world * FP32, scatters,
                            f"FSDP unit {unit}{' experts' if expert else ''}: gradients", "FSDP2")]
     out.append(Collective("all_reduce", "world", FP32, 1, "gradient norm"))
     return out

@@ -2,9 +2,11 @@
 tests/distributed/test_planner.py to hold the planner's figures against.
 
 Measured in the step after a warm-up step (Adam's state and DeepSpeed's buffers exist by then):
-- parameters: the bytes of their distinct storages (at ZeRO 1-2, DeepSpeed's flat buffers);
-- gradients: what the optimizer step reads, taken as it starts (stage 0: every .grad;
-  stages 1-2: DeepSpeed's averaged_gradients, the partition's gradients);
+- parameters: the bytes of their distinct storages (at ZeRO 1-2, DeepSpeed's flat buffers; at
+  3, FSDP2's padded shards);
+- gradients: what the optimizer step reads, taken as it starts (stages 0 and 3: every .grad,
+  at 3 the reduce-scattered shards; stages 1-2: DeepSpeed's averaged_gradients, the
+  partition's gradients);
 - optimizer state: the AdamW moments (tensors with a dim; the step counters are 0-d), and
   at stages 1-2 DeepSpeed's fp32 partitions (the master weights);
 - activations: benchmarks/saved_tensors.saved_tensor_bytes around the step's forward,
@@ -26,9 +28,10 @@ from trainer.loop import _Window
 
 
 def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages under `tensors`."""
+    """Bytes of the distinct storages under `tensors` (a DTensor's: its local shard's)."""
     seen = {}
     for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: its shard
         if isinstance(t, torch.Tensor) and t.dim() > 0:
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
@@ -66,7 +69,7 @@ def measure_step(rank: int, run_dir: str, layout: str, extra: tuple[str, ...]) -
         return result
 
     stepper.forward = measured_forward
-    if stepper.zero_stage == 0:
+    if stepper.zero_stage in (0, 3):
         update = stepper.update
 
         def measured_update():

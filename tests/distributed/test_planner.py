@@ -17,7 +17,6 @@ The cases of the module share one set of processes; each reports on its own.
 from __future__ import annotations
 
 import collections
-import importlib.util
 
 import pytest
 
@@ -41,12 +40,12 @@ CASES = {  # name -> (a layout of ckpt_setup, more overrides); every one has a s
     "dp4_ep4_recompute_ffn": ("dp4_ep4", ("--train.recompute=ffn",)),
     "dp2_tp2_ep2_full_qkproj_bias": ("dp2_tp2_ep2", ("--train.recompute=full", "--model.qk_norm=proj",
                                                      "--moe.bias_update_rate=0.01", "--moe.first_k_dense=1")),
+    # 6 experts: the router's 6 rows do not split evenly over dp 4, so FSDP2 pads some shards
+    "dp4_ep2_zero3_uneven": ("dp4_ep2", ("--parallel.zero_stage=3", "--moe.num_experts=6")),
+    "dp2_tp2_ep2_zero3_accum2": ("dp2_tp2_ep2", ("--parallel.zero_stage=3", "--train.grad_accum=2")),
+    "dp4_ep4_zero3_accum2_scatter_each": ("dp4_ep4", ("--parallel.zero_stage=3", "--train.grad_accum=2",
+                                                      "--parallel.fsdp_reduce_every_micro_batch=true")),
 }
-# ZeRO-3 (FSDP2, parallel/fsdp.py, another branch) is planned from its design and held to
-# measurement here as soon as the module exists.
-HAS_STAGE3 = importlib.util.find_spec("parallel.fsdp") is not None
-if HAS_STAGE3:
-    CASES["dp4_ep2_zero3"] = ("dp4_ep2", ("--parallel.zero_stage=3",))
 
 
 def _measure(rank, world, root, name):
