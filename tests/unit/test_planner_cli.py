@@ -63,7 +63,7 @@ def test_bad_input_is_a_config_error_naming_the_values(capsys, argv, says):
 
 def test_search_keeps_the_global_batch_and_ranks_by_fit_then_time(capsys):
     code, out, _ = _run(capsys, "--gpus", "8", "--gpus-per-node", "4", "--parallel.dp=null",
-                        "--search", "--json", "--gpu-memory", "1.5GiB")
+                        "--search", "--json", "--gpu-memory", "1.02GiB")
     assert code == exit_codes.OK
     plans = json.loads(out)["plans"]
     job = load_config(TINY + ["--parallel.dp=null"])
