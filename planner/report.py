@@ -10,6 +10,13 @@ from planner.plan import Plan
 GiB, MiB = float(1 << 30), float(1 << 20)
 
 
+def size(n: float) -> str:
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024.0)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def layout_line(p: Plan) -> str:
     s, lay, tr = p.shapes, p.shapes.layout, p.shapes.job.train
     return (f"dp {lay.dp} x tp {lay.tp}, ep {lay.ep} (edp {lay.edp}); ZeRO {s.job.parallel.zero_stage}; "
@@ -48,6 +55,7 @@ def text(p: Plan, title: str) -> str:
     cost = model_cost(s.job.model, s.moe, s.job.train.seq_len)
     lines = [f"{title}: {s.layout.world_size} GPUs ({s.gpus_per_node} per node), {hw.name}",
              f"layout: {layout_line(p)}",
+             *(f"note: {n}" for n in notes(p)),
              f"model: {cost.total_params / 1e9:,.3f} B parameters, {cost.activated_params / 1e9:,.3f} B "
              f"activated per token",
              "",
@@ -56,16 +64,16 @@ def text(p: Plan, title: str) -> str:
              f"  fits in {hw.memory_gib:g} GiB: {'yes' if p.fits else 'NO'}",
              "",
              "communication per optimizer step (this rank)",
-             f"  {'op':<14} {'group':<5} {'calls':>6} {'MiB/call':>11} {'MiB/step':>11}  {'via':<9} what"]
+             f"  {'op':<14} {'group':<5} {'calls':>6} {'per call':>11} {'per step':>11}  {'via':<9} what"]
     for c in p.collectives:
-        lines.append(f"  {c.op:<14} {c.group:<5} {c.count:>6} {c.nbytes / MiB:>11.3f} "
-                     f"{c.total / MiB:>11.3f}  {c.via:<9} {c.what}")
+        lines.append(f"  {c.op:<14} {c.group:<5} {c.count:>6} {size(c.nbytes):>11} "
+                     f"{size(c.total):>11}  {c.via:<9} {c.what}")
     traffic = p.a2a_traffic()
     if any(traffic.values()):
         lines.append("  all-to-all bytes per step, uniform routing: " + ", ".join(
-            f"{k} {v / MiB:,.1f} MiB" for k, v in traffic.items()))
+            f"{k} {size(v)}" for k, v in traffic.items()))
     lines.append("  every logging.log_interval steps: " + ", ".join(
-        f"{c.op} {c.group} {c.nbytes:g} B ({c.what})" for c in p.log_collectives))
+        f"{c.op} {c.group} {size(c.nbytes)} ({c.what})" for c in p.log_collectives))
     lines += ["",
               "modelled step time (a model: the figures and assumptions are in docs/planner.md)",
               f"  compute        {t.compute_s * 1e3:10.1f} ms  (busiest rank, {hw.matmul_efficiency:.0%} of "
@@ -78,6 +86,18 @@ def text(p: Plan, title: str) -> str:
     return "\n".join(lines)
 
 
+def notes(p: Plan) -> list[str]:
+    """What the plan does not model for this job."""
+    backend = p.shapes.moe.backend
+    out = []
+    if backend != "native":
+        out.append(f"moe.backend {backend}: its activations and MoE collectives are planned as the "
+                   "native backend's (only the native backend's are held to measurement)")
+    if p.shapes.job.train.compile:
+        out.append("train.compile: the eager kernels' activations are planned")
+    return out
+
+
 def as_dict(p: Plan) -> dict:
     s, m = p.shapes, p.memory
     lay = s.layout
@@ -88,7 +108,7 @@ def as_dict(p: Plan) -> dict:
                    "zero_stage": s.job.parallel.zero_stage, "recompute": s.job.train.recompute,
                    "micro_batch_size": s.job.train.micro_batch_size, "grad_accum": s.micro_batches,
                    "seq_len": s.job.train.seq_len, "precision": s.precision.name},
-        "imbalance": s.imbalance,
+        "imbalance": s.imbalance, "notes": notes(p),
         "memory": {"rank": m.rank, "params": m.states.params, "grads": m.states.grads,
                    "optimizer": m.states.optimizer, "master": m.states.master,
                    "activations": m.activations, "activations_per_moe_block": m.acts.moe_block,

@@ -87,3 +87,25 @@ def test_search_plans_only_what_the_trainer_accepts():
     assert refused and all("parallel.tp (8)" in why for why in refused)
     for c, plan in plans:
         assert with_candidate(job, c).validate(8) == plan.shapes.layout
+
+
+def test_the_documented_examples_say_what_docs_planner_md_says():
+    """docs/planner.md's worked example: Mixtral-size fits 64 H100s as configured at
+    micro-batch 1 and not at 2; no layout of 64 holds the DeepSeek-V3-size model, some of 256
+    do, all at ZeRO-3."""
+    from planner.hardware import hardware
+    from planner.plan import make_plan
+    from planner.search import search
+
+    h100 = hardware("h100")
+    mixtral = load_config(["--config", "configs/plan_mixtral_8x7b.yaml"])
+    assert make_plan(mixtral, 64, 8, hw=h100).fits
+    mixtral.train.micro_batch_size, mixtral.train.grad_accum = 2, 2
+    assert not make_plan(mixtral, 64, 8, hw=h100).fits
+    deepseek = load_config(["--config", "configs/plan_deepseek_v3_like.yaml"])
+    on64, _ = search(deepseek, 64, 8, h100)
+    assert len(on64) == 600 and not any(p.fits for _, p in on64)
+    assert min(p.memory.needed for _, p in on64) / 2**30 == pytest.approx(179, abs=0.5)
+    on256, _ = search(deepseek, 256, 8, h100)
+    fitting = [c for c, p in on256 if p.fits]
+    assert fitting and {c.zero_stage for c in fitting} == {3}
