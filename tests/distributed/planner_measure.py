@@ -92,6 +92,6 @@ def measure_step(rank: int, run_dir: str, layout: str, extra: tuple[str, ...]) -
     for h in hooks:
         h.remove()
     master = getattr(stepper.optimizer, "single_partition_of_fp32_groups", [])
-    return out | {"params": storage_bytes(model.parameters()),
+    return out | {"trainer_plan": trainer.plan, "params": storage_bytes(model.parameters()),
                   "optimizer": storage_bytes(_moments(stepper.optimizer)),
                   "master": storage_bytes(master), "ours": list(ours), "all": every.calls}

@@ -23,6 +23,7 @@ import pytest
 from launcher.config import load_config
 from planner.activations import activations
 from planner.comms import per_step
+from planner.memory import memory_plan
 from planner.model_states import model_states
 from planner.shapes import make_shapes
 from tests.distributed.ckpt_setup import LAYOUTS, SMALL
@@ -95,6 +96,12 @@ def test_plan_equals_measurement(measured, name):
     if isinstance(ranks, AssertionError):  # that case failed in the workers: their tracebacks
         raise ranks
     job = job_of(name)
+    # The trainer's own plan (printed at start, kept in summary.json) is the planner's.
+    own = memory_plan(make_shapes(job, WORLD, WORLD, 1.0, "cpu"))
+    assert {k: ranks[0]["trainer_plan"][k] for k in ("grads_bytes", "activations_bytes",
+                                                     "peak_memory_bytes", "busiest_rank")} == {
+        "grads_bytes": own.states.grads, "activations_bytes": own.activations,
+        "peak_memory_bytes": own.peak, "busiest_rank": own.rank}
     for rank, got in enumerate(ranks):
         s = shapes_of(job, sum(got["recv_rows"]), len(got["recv_rows"]))
         states = model_states(s, rank)
