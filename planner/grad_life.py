@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from planner.model_states import ModelStates
 from planner.params import Param
 from planner.shapes import Shapes
-from planner.sharding import expert_shard_dim, fsdp_shard, reduce_bucket
+from planner.sharding import expert_shard_dim, fsdp_shard, fsdp_unit, reduce_bucket
 
 FP32 = 4
 
@@ -64,12 +64,12 @@ def _per_block(params: list[Param], size, n_layers: int) -> tuple[list[float], f
     return blocks, head, embed
 
 
-def _largest_unit(params: list[Param]) -> int:
-    """Elements of the largest FSDP unit: a block (its dense parameters and its experts, this
-    rank's tp and ep slices), the embedding, or the output end."""
+def _largest_unit(params: list[Param], tied: bool) -> int:
+    """Elements of the largest FSDP unit gathered at once: a block (its dense parameters and
+    its experts, this rank's tp and ep slices), the embedding, the output end, the root."""
     units: dict[str, int] = {}
     for q in params:
-        key = ".".join(q.name.split(".")[:2]) if q.name.startswith("layers.") else q.name
+        key = fsdp_unit(q.name, tied)
         units[key] = units.get(key, 0) + q.numel
     return max(units.values())
 
@@ -96,7 +96,7 @@ def gradient_life(s: Shapes, params: list[Param], states: ModelStates) -> Gradie
                             bucket + min(whole, bucket) + states.grads + before,
                             {"DeepSpeed reduce bucket (reduce_bucket_size elements)": bucket,
                              "its flattened copy for the all-reduce": min(whole, bucket)})
-    unit = _largest_unit(params)
+    unit = _largest_unit(params, s.job.model.tie_embeddings)
     gathered = unit * p.compute  # a block's dense unit and its experts' unit, gathered together
     if accum and not s.job.parallel.fsdp_reduce_every_micro_batch:
         blocks, head, embed = _per_block(params, lambda q: q.numel * FP32, L)

@@ -130,6 +130,16 @@ def fsdp_shard(p: Param, world: int, part: int, dim: int = 0) -> tuple[int, int]
     return rows * rest, chunk * rest
 
 
+def fsdp_unit(name: str, tied: bool) -> str:
+    """The FSDP2 unit a parameter belongs to (parallel/fsdp.py): its block, the embedding, the
+    output end (final norm and output), or with tied embeddings the root (embedding and norm)."""
+    if name.startswith("layers."):
+        return ".".join(name.split(".")[:2])
+    if name in ("norm.weight", "output.weight"):
+        return "root" if tied else "output end"
+    return "root" if tied else name
+
+
 def expert_shard_dim(shape: tuple[int, ...], edp: int) -> int:
     """parallel/fsdp.py's choice: the first dim edp divides, else 0."""
     return next((d for d, n in enumerate(shape) if n % edp == 0), 0)

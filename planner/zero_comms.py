@@ -14,12 +14,13 @@
      (stage 1). The norm: per group one 4-byte all-reduce over dp and, with tp, one over tp;
      per expert group one over edp. After the step, each group of more than one rank
      all-gathers its partitions (all_gather_into_tensor).
-  3  FSDP2 (parallel/fsdp.py): per unit (a block's dense
-     parameters on dp, its experts on edp, the embedding, the output end) an all-gather of the
-     shards before forward and again before backward (the output end stays gathered), in
-     the compute dtype, and a reduce-scatter of the fp32 gradients at the last micro-batch
-     (every micro-batch with parallel.fsdp_reduce_every_micro_batch);
-     the norm: one all-reduce over the world.
+  3  FSDP2 (parallel/fsdp.py): per unit (a block's dense parameters on dp, its experts on
+     edp, the embedding, the output end; with tied embeddings the root holds the embedding
+     and the final norm) an all-gather of the shards before forward and again before
+     backward (the output end and the root stay gathered), in the compute dtype, and a
+     reduce-scatter of the fp32 gradients at the last micro-batch (every micro-batch with
+     parallel.fsdp_reduce_every_micro_batch); units of one rank run none; the norm: one
+     all-reduce over the world.
 """
 
 from __future__ import annotations
@@ -105,13 +106,12 @@ def _deepspeed(s: Shapes, params: list[Param]) -> list[Collective]:
 
 
 def _fsdp(s: Shapes, params: list[Param]) -> list[Collective]:
-    from planner.sharding import expert_shard_dim, fsdp_shard
+    from planner.sharding import expert_shard_dim, fsdp_shard, fsdp_unit
 
     lay, c = s.layout, s.precision.compute
     units: dict[tuple[str, bool], int] = {}  # (unit, expert) -> padded shard elements
     for q in params:
-        unit = ".".join(q.name.split(".")[:2]) if q.name.startswith("layers.") else (
-            "output end" if q.name in ("norm.weight", "output.weight") else q.name)
+        unit = fsdp_unit(q.name, s.job.model.tie_embeddings)
         world = lay.edp if q.expert else lay.dp
         dim = expert_shard_dim(q.shape, world) if q.expert else 0
         units[(unit, q.expert)] = units.get((unit, q.expert), 0) + fsdp_shard(q, world, 0, dim)[1]
@@ -122,7 +122,7 @@ def _fsdp(s: Shapes, params: list[Param]) -> list[Collective]:
         world = lay.edp if expert else lay.dp
         if world == 1:  # FSDP2 runs no collective on a mesh of one
             continue
-        gathers = 1 if unit == "output end" else 2
+        gathers = 1 if unit in ("output end", "root") else 2  # kept gathered to backward
         out += [Collective("all_gather", group, shard * c, gathers * s.micro_batches,
                            f"FSDP unit {unit}{' experts' if expert else ''}: parameters", "FSDP2"),
                 Collective("reduce_scatter", group, shard * world * FP32, scatters,

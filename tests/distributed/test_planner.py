@@ -43,7 +43,8 @@ CASES = {  # name -> (a layout of ckpt_setup, more overrides); every one has a s
                                                      "--moe.bias_update_rate=0.01", "--moe.first_k_dense=1")),
     # 6 experts: the router's 6 rows do not split evenly over dp 4, so FSDP2 pads some shards
     "dp4_ep2_zero3_uneven": ("dp4_ep2", ("--parallel.zero_stage=3", "--moe.num_experts=6")),
-    "dp2_tp2_ep2_zero3_accum2": ("dp2_tp2_ep2", ("--parallel.zero_stage=3", "--train.grad_accum=2")),
+    "dp2_tp2_ep2_zero3_accum2_tied": ("dp2_tp2_ep2", ("--parallel.zero_stage=3", "--train.grad_accum=2",
+                                                      "--model.tie_embeddings=true")),
     "dp4_ep4_zero3_accum2_scatter_each": ("dp4_ep4", ("--parallel.zero_stage=3", "--train.grad_accum=2",
                                                       "--parallel.fsdp_reduce_every_micro_batch=true")),
 }
