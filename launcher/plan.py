@@ -60,6 +60,8 @@ def run(argv: list[str]) -> str:
     args, rest = parser().parse_known_args(argv)
     if args.gpus < 1:
         raise ConfigError(f"--gpus ({args.gpus}) must be >= 1")
+    if args.gpus_per_node is not None and args.gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node ({args.gpus_per_node}) must be >= 1")
     per_node = args.gpus_per_node or min(args.gpus, 8)
     job = load_config(rest)
     hw = make_hardware(args)

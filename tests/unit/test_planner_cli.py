@@ -55,6 +55,7 @@ def test_a_memory_too_small_does_not_fit(capsys):
     (["--gpus", "4", "--hardware", "a100"], "--hardware ('a100') must be one of h100, h200"),
     (["--gpus", "4", "--moe.top_k=9"], "moe.top_k (9) must be between 1 and moe.num_experts (8)"),
     (["--gpus", "0"], "--gpus (0) must be >= 1"),
+    (["--gpus", "4", "--gpus-per-node", "0"], "--gpus-per-node (0) must be >= 1"),
 ])
 def test_bad_input_is_a_config_error_naming_the_values(capsys, argv, says):
     code, out, err = _run(capsys, "--parallel.dp=null", *argv)
