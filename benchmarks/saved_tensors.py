@@ -20,12 +20,17 @@ def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable[torch.Tensor]
     """Runs `fn()` and returns (bytes saved for backward, fn's result).
 
     Views of one storage count once (the largest extent seen); tensors sharing storage with
-    `exclude` (pass the parameters) do not count.
+    `exclude` (pass the parameters; a DTensor's local shard is what it holds) do not count,
+    and neither do parameters or their views: FSDP2's gathered parameters (stage 3) are
+    parameters too, whose storage it frees after forward and gathers again for backward.
     """
-    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    excluded = {(t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr()
+                for t in exclude}
     extent: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t if t._base is None else t._base, torch.nn.Parameter):
+            return t
         storage = t.untyped_storage()
         key = storage.data_ptr()
         if key not in excluded:

@@ -10,6 +10,10 @@ that cannot complete fails with an error that names its process group.
 - MoE: a differentiable all-to-all on all_to_all_single, and the expert-parallel communicator
   the MoE layer is injected with. Only `all_to_all_single` is used: it supports uneven splits
   on gloo and NCCL, while the list form `all_to_all` does not exist on gloo.
+- `count_collectives()`: an opt-in record of every collective above on this rank (op, group,
+  bytes), which the planner's tests hold against its figures (planner/comms.py). Off, a
+  collective pays one test of a module variable; DeepSpeed's and MegaBlocks' own collectives
+  do not pass here.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +38,55 @@ class CollectiveError(RuntimeError):
 _COMM_FAILURE = re.compile(
     r"Timed out waiting|Connection closed by peer|Connection reset by peer|pair closure|"
     r"Broken pipe|NCCL|timed out|Socket Timeout", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class CollectiveCall:
+    """One collective this rank took part in, as count_collectives records it."""
+
+    op: str
+    """all_reduce, all_gather, all_to_all, all_gather_object, broadcast_object or barrier."""
+    group: str
+    """The group's name (Topology's: dp, tp, ep, edp), or world."""
+    nbytes: int
+    """This rank's input: the tensor reduced, its piece of a gather, every row it sends (its
+    own included); 0 for objects (their pickled size is not known here) and barriers."""
+    sent: tuple[int, ...] = ()
+    """all_to_all: bytes to each rank of the group, in group-rank order."""
+    ranks: tuple[int, ...] = ()
+    """all_to_all: the group's global ranks, in group-rank order."""
+
+
+_calls: list[CollectiveCall] | None = None  # set only inside count_collectives()
+
+
+@contextmanager
+def count_collectives() -> Iterator[list[CollectiveCall]]:
+    """Record every collective of this module on this rank, in order, into the list yielded."""
+    global _calls
+    outer, _calls = _calls, []
+    try:
+        yield _calls
+    finally:
+        _calls = outer
+
+
+def _group_name(group: dist.ProcessGroup | None) -> str:
+    if group is None or group is dist.group.WORLD:
+        return "world"
+    return getattr(group, "group_desc", "") or f"group {group.group_name}"
+
+
+def _record(op: str, group, x: torch.Tensor | None = None, input_splits: list[int] | None = None) -> None:
+    nbytes = 0 if x is None else x.numel() * x.element_size()
+    sent: tuple[int, ...] = ()
+    ranks: tuple[int, ...] = ()
+    if op == "all_to_all":
+        ranks = tuple(dist.get_process_group_ranks(group))
+        row = nbytes // max(x.shape[0], 1)
+        splits = input_splits or [x.shape[0] // len(ranks)] * len(ranks)
+        sent = tuple(n * row for n in splits)
+    _calls.append(CollectiveCall(op, _group_name(group), nbytes, sent, ranks))
 
 
 def group_label(group: dist.ProcessGroup | None) -> str:
@@ -70,6 +124,8 @@ def named_region(what: str, group: dist.ProcessGroup | None, only_comm_errors: b
 def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None = None,
                op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
     """In-place all-reduce of `x` over `group` (the world when None)."""
+    if _calls is not None:
+        _record("all_reduce", group, x)
     with named_region("all_reduce", group):
         dist.all_reduce(x, op=op, group=group)
 
@@ -77,6 +133,8 @@ def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None = None,
 def all_gather_cat(x: torch.Tensor, group: dist.ProcessGroup, size: int, dim: int = 0) -> torch.Tensor:
     """Every rank's `x`, concatenated along `dim` in group-rank order."""
     parts = [torch.empty_like(x) for _ in range(size)]
+    if _calls is not None:
+        _record("all_gather", group, x)
     with named_region("all_gather", group):
         dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
@@ -84,6 +142,8 @@ def all_gather_cat(x: torch.Tensor, group: dist.ProcessGroup, size: int, dim: in
 
 def all_to_all_single(out: torch.Tensor, x: torch.Tensor, output_splits: list[int] | None,
                       input_splits: list[int] | None, group: dist.ProcessGroup) -> None:
+    if _calls is not None:
+        _record("all_to_all", group, x, input_splits)
     with named_region("all_to_all", group):
         dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
 
@@ -91,6 +151,8 @@ def all_to_all_single(out: torch.Tensor, x: torch.Tensor, output_splits: list[in
 def all_gather_object(obj: Any, group: dist.ProcessGroup | None = None) -> list:
     """Every rank's picklable `obj`, in rank order."""
     out: list = [None] * dist.get_world_size(group)
+    if _calls is not None:
+        _record("all_gather_object", group)
     with named_region("all_gather_object", group):
         dist.all_gather_object(out, obj, group=group)
     return out
@@ -99,12 +161,16 @@ def all_gather_object(obj: Any, group: dist.ProcessGroup | None = None) -> list:
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s picklable `obj`, on every rank of the world."""
     box = [obj]
+    if _calls is not None:
+        _record("broadcast_object", None)
     with named_region("broadcast_object_list", None):
         dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
 def barrier(group: dist.ProcessGroup | None = None) -> None:
+    if _calls is not None:
+        _record("barrier", group)
     with named_region("barrier", group):
         dist.barrier(group=group)
 

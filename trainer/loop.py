@@ -28,6 +28,7 @@ from checkpoint.save import save_checkpoint
 from parallel.collectives import all_reduce
 from parallel.faults import fault_point
 from parallel.topology import Topology
+from planner.hook import beside_measured, run_plan
 from trainer.data import RankData
 from trainer.heatmap import write_load_heatmap
 from trainer.metrics import (
@@ -95,6 +96,8 @@ class Trainer:
         self.samples_per_micro = topology.size("dp") * self.cfg.micro_batch_size
         self.cost = model_cost(job.model, job.moe, self.cfg.seq_len)
         self.peak_flops = peak_flops(device, job.logging.peak_tflops)
+        # moe-plan's figures for this run (planner/hook.py): printed at start, kept in summary.json.
+        self.plan = run_plan(job, topology.layout.world_size, device.type) if self.is_main else {}
         # Data position: global samples seen at step `origin_step` (both 0 unless resumed).
         self.origin_step, self.origin_samples = 0, 0
         self.resumed_from: Path | None = None
@@ -234,7 +237,8 @@ class Trainer:
                 "flops_per_token": self.cost.flops_per_token,
                 "peak_tflops_per_device": self.peak_flops / 1e12 if self.peak_flops else None,
                 "mfu": self.mfu(tokens_per_s) if self.peak_flops and tokens_per_s else None,
-                "peak_memory_bytes": int(peak.item()), "peak_memory_kind": kind}
+                "peak_memory_bytes": int(peak.item()), "peak_memory_kind": kind,
+                "plan": beside_measured(self.plan, int(peak.item()), kind) if self.is_main else None}
 
     @property
     def samples_seen(self) -> int:
