@@ -190,7 +190,8 @@ def write(report: dict, out: Path) -> None:
               f"  {'case':<15}{'finite check':>13}{'sha256':>8}{'commit':>8}  (manifest.json bytes)"]
     parts += [f"  {r['case']:<15}{r['finite_s']:>13.3f}{r['sha256_s']:>8.3f}{r['commit_s']:>8.3f}  "
               f"({r['manifest_bytes']})" for r in rows if r.get("sha256_s") is not None]
-    parts += ["  finite check and sha256: every rank its own pieces and file, in parallel; commit: rank 0 "
+    parts += ["  finite check and sha256 (the save computes it as it writes; here over the cached file): "
+              "every rank its own pieces and file, in parallel; commit: rank 0 "
               "writes manifest.json and COMMIT, fsyncs, renames, writes latest"]
     text = "\n".join(parts) + "\n"
     print(text)
