@@ -41,6 +41,23 @@ def moe_run(*args: str, fault: str | None = None, timeout: float = 300) -> subpr
     return torchrun(2, *BASE, *args, runner="launcher.agent", fault=fault, timeout=timeout)
 
 
+def training(*args: str, session: bool = False) -> tuple[subprocess.Popen, list[str]]:
+    """A long moe-run job in the background (`session`: in its own process group, as a
+    terminal's foreground job is), once it is training; its output lines, collected."""
+    job = subprocess.Popen(
+        [sys.executable, "-m", "launcher.agent", "--nproc_per_node=2", "--standalone", "-m",
+         "launcher.train", *BASE, "--train.steps=100000", *args],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=session)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(job.stdout), daemon=True).start()
+    deadline = time.monotonic() + 120
+    while not any(x.startswith("device:") for x in lines):
+        assert time.monotonic() < deadline and job.poll() is None, "".join(lines)
+        time.sleep(0.2)
+    return job, lines
+
+
 def strict_json(path):
     def refuse(constant):
         raise AssertionError(f"{path} holds {constant}: not strict JSON")
@@ -124,16 +141,7 @@ def test_a_diverging_resume_keeps_the_good_checkpoint(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_a_second_job_on_a_run_dir_is_refused_naming_the_first(tmp_path):
-    first = subprocess.Popen(
-        [sys.executable, "-m", "launcher.agent", "--nproc_per_node=2", "--standalone", "-m",
-         "launcher.train", *BASE, f"--logging.run_dir={tmp_path}", "--train.steps=100000"],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True).start()
-    deadline = time.monotonic() + 120
-    while not any(line.startswith("device:") for line in lines):
-        assert time.monotonic() < deadline and first.poll() is None, "".join(lines)
-        time.sleep(0.2)
+    first, lines = training(f"--logging.run_dir={tmp_path}")
     holder = json.loads((tmp_path / "LOCK").read_text())
     second = moe_run(f"--logging.run_dir={tmp_path}", "--train.lr=1e-2", timeout=120)
     assert second.returncode == 7, second.stderr[-3000:]
@@ -188,18 +196,7 @@ def test_a_finished_run_is_left_alone_and_a_used_run_dir_is_not_reused_silently(
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_then_exits_130(tmp_path):
-    job = subprocess.Popen(
-        [sys.executable, "-m", "launcher.agent", "--nproc_per_node=2", "--standalone", "-m",
-         "launcher.train", *BASE, f"--logging.run_dir={tmp_path}", "--train.steps=100000",
-         "--logging.log_interval=1"],
-        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(job.stdout), daemon=True).start()
-    deadline = time.monotonic() + 120
-    while not any(x.startswith("device:") for x in lines):
-        assert time.monotonic() < deadline and job.poll() is None, "".join(lines)
-        time.sleep(0.2)
+    job, lines = training(f"--logging.run_dir={tmp_path}", "--logging.log_interval=1", session=True)
     time.sleep(3)
     os.killpg(job.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the agent and its workers
     assert job.wait(timeout=120) == 130, "".join(lines[-30:])
