@@ -43,7 +43,6 @@ import os
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,11 +51,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.checkpoint_io_worker import BASE, LOADS, SAVES, worker  # noqa: E402
 from trainer.metrics import text_table  # noqa: E402
 
 WORLD = 4
-BASE = ["--parallel.dp=4", "--parallel.ep=4", "--train.micro_batch_size=1", "--train.seq_len=32",
-        "--logging.tensorboard=false"]
 CASES = {  # name -> overrides of configs/cpu_tiny.yaml
     "cpu_tiny": [],
     "cpu_tiny_zero2": ["--parallel.zero_stage=2"],
@@ -64,8 +62,6 @@ CASES = {  # name -> overrides of configs/cpu_tiny.yaml
     "1gb": ["--model.dim=512", "--model.n_heads=8", "--moe.expert_hidden=1600"],
     "smoke": ["--model.dim=32", "--model.n_layers=2", "--model.n_heads=2", "--moe.expert_hidden=16"],
 }
-SAVES = ("ours", "torch", "torch-nofsync", "dcp")
-LOADS = {"ours": ("ours", "ours-trusted"), "torch": ("torch",), "torch-nofsync": (), "dcp": ("dcp",)}
 
 
 def main() -> None:
@@ -83,7 +79,6 @@ def main() -> None:
         args.cases, args.reps, args.warmup = ["smoke"], 1, 0
     if args.reps < 1 or args.warmup < 0:
         parser.error(f"--reps ({args.reps}) must be at least 1 and --warmup ({args.warmup}) at least 0")
-    from benchmarks.checkpoint_io_worker import worker  # a module the fork server can import
     from tests.distributed.spawn import run_distributed
 
     command = "python benchmarks/checkpoint_io.py " + shlex.join(sys.argv[1:])
@@ -205,16 +200,6 @@ def machine() -> str:
 
     return f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}"
 
-
-def resident_fraction(files: list[Path]) -> float | None:
-    """The fraction of the files' pages in the page cache (util-linux fincore), None without it."""
-    if not files or shutil.which("fincore") is None:
-        return None
-    cmd = ["fincore", "--bytes", "--noheadings", "--raw", "--output", "PAGES,SIZE", *map(str, files)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
-    page = os.sysconf("SC_PAGE_SIZE")
-    pages, total = sum(map(int, out[0::2])), sum(-(-int(size) // page) for size in out[1::2])
-    return round(pages / total, 4) if total else None
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,18 +16,33 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from benchmarks.checkpoint_io import BASE, LOADS, ROOT, SAVES, resident_fraction
 from checkpoint.layout import Piece, buffer_shards, shards
 from checkpoint.load import load_checkpoint
-from checkpoint.optimizer import optimizer_pieces
 from checkpoint.reader import open_checkpoint
 from checkpoint.select import Found, choose
-from checkpoint.save import model_pieces, non_finite, rng_state, save_checkpoint
+from checkpoint.save import model_pieces, non_finite, optimizer_pieces, rng_state, save_checkpoint
 from checkpoint.store import commit, sha256_file
 from launcher.config import load_config
 from launcher.train import build_model
 from parallel.topology import Topology
 from trainer.optim import build_stepper
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["--parallel.dp=4", "--parallel.ep=4", "--train.micro_batch_size=1", "--train.seq_len=32",
+        "--logging.tensorboard=false"]
+SAVES = ("ours", "torch", "torch-nofsync", "dcp")
+LOADS = {"ours": ("ours", "ours-trusted"), "torch": ("torch",), "torch-nofsync": (), "dcp": ("dcp",)}
+
+
+def resident_fraction(files: list[Path]) -> float | None:
+    """The fraction of the files' pages in the page cache (util-linux fincore), None without it."""
+    if not files or shutil.which("fincore") is None:
+        return None
+    cmd = ["fincore", "--bytes", "--noheadings", "--raw", "--output", "PAGES,SIZE", *map(str, files)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+    page = os.sysconf("SC_PAGE_SIZE")
+    pages, total = sum(map(int, out[0::2])), sum(-(-int(size) // page) for size in out[1::2])
+    return round(pages / total, 4) if total else None
 
 
 def timed(fn: Callable):

@@ -69,7 +69,7 @@ def forward_activations(config: str, extra: list[str], smoke: bool) -> dict:
 
         held, _ = saved_tensor_bytes(forward, [*model.parameters(), *model.buffers()])
         s = make_shapes(setup.job, 1, device=setup.device.type)
-        del model
+        model = None  # the model goes before the cache is emptied
         if setup.device.type == "cuda":
             torch.cuda.empty_cache()
     return {"quantity": f"activations kept by one forward ({s.device}, {s.precision.name})",

@@ -18,13 +18,13 @@ want a checksum per file, a commit marker we control, and a reader that needs no
 (the inspect CLI). The files are plain `torch.save` dicts of tensors, read with weights_only.
 
 One module per concept:
-    layout.py     where each rank's piece of a tensor sits in the global tensor (Box, Shard)
+    layout.py     where each rank's piece of a tensor sits in the global tensor (Box, Shard),
+                  FSDP's DTensor shards (zero_stage 3) included
     store.py      files on disk: shard files, manifest, commit marker, `latest`, retention
     reader.py     a committed checkpoint opened for reading: checks, checksums, any block
     save.py       the collective save: every rank writes its pieces, rank 0 commits
     load.py       the collective load under any layout (resharding), and weights-only loads
     optimizer.py  Adam's state of the plain optimizer (zero_stage 0 and 3) in and out
-    fsdp.py       zero_stage 3: FSDP's DTensor shards as blocks of the global tensors
     zero.py       Adam's state and master weights in and out of DeepSpeed's ZeRO partitions
     compat.py     what must agree between a checkpoint and the run that loads it
     select.py     which checkpoint a run resumes or starts from (resume=auto across ranks)

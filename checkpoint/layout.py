@@ -10,8 +10,13 @@ intersects boxes.
                  over edp (tp partners included)
     tp-sharded   dim `tp_partition_dim` split over tp, replicated over dp
     other dense  replicated over the whole world
-At zero_stage 3 FSDP splits each of these boxes further over the replicas (checkpoint/fsdp.py),
-so every block has one holder, or one per tp column for the dense parameters tp replicates.
+At zero_stage 3 FSDP2 makes every parameter a DTensor over the dp mesh (experts: the edp mesh)
+whose global shape is the tp/ep-local tensor, so this rank's block is the tp/ep box refined by
+the FSDP chunk (torch's compute_local_shape_and_global_offset, as torch.distributed.checkpoint
+computes it). Each block then has one holder, or one per tp column for the dense parameters tp
+replicates (tp rank 0's is written). Adam's moments are DTensors sharded like their
+parameters: the same blocks (`local_block`, `like_param`). The sharded fp32 parameters are the
+master weights (MixedPrecisionPolicy gathers bf16 copies for compute): stored as model/<param>.
 
 Pure arithmetic plus parameter attributes: no collectives.
 """
@@ -24,9 +29,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from parallel.expert_parallel import expert_parameter_ids
-from parallel.fsdp import is_fully_sharded
+from parallel.fsdp import is_fully_sharded, reshard
 from parallel.topology import Topology
 
 
@@ -131,8 +137,6 @@ def shards(model: nn.Module, topology: Topology) -> list[Shard]:
     """Every parameter of the (already tp/ep-transformed, maybe fully sharded) model, in
     named_parameters order."""
     if is_fully_sharded(model):
-        from checkpoint.fsdp import fsdp_shards
-
         return fsdp_shards(model, topology)
     return tp_ep_shards(model, topology)
 
@@ -177,3 +181,34 @@ def fill_box(target: Box, pieces: list[tuple[Box, torch.Tensor]], dtype: torch.d
         out[common.slices_within(target)] = tensor[common.slices_within(box)].to(dtype)
         covered += common.numel
     return out if covered == target.numel else None
+
+
+def fsdp_shards(model: nn.Module, topology: Topology) -> list[Shard]:
+    """Every parameter of the fully sharded model: this rank's FSDP shard and its block.
+    Resharding first (no collective): a unit kept gathered after a forward would register
+    its whole tensors in place of the shards."""
+    reshard(model)
+    out = []
+    for s in tp_ep_shards(model, topology):
+        p = s.param
+        if not isinstance(p, DTensor):
+            raise TypeError(f"{s.name} is a {type(p).__name__}, not FSDP's DTensor shard: "
+                            "apply_fully_shard left it out")
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        if tuple(shape) != tuple(local_block(p).shape):
+            raise RuntimeError(f"{s.name}: FSDP's local shard {tuple(local_block(p).shape)} is "
+                               f"not the DTensor block {tuple(shape)} (a torch change?)")
+        box = Box(tuple(o + b for o, b in zip(offset, s.box.offsets)), tuple(shape))
+        holders = "none" if s.replicated_over != "world" else "tp"
+        out.append(Shard(s.name, p, s.global_shape, box, holders))
+    return out
+
+
+def like_param(param: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`values` (this rank's block) as optimizer state for `param`: on its device and in its
+    dtype, and for a DTensor parameter a DTensor sharded like it."""
+    if not isinstance(param, DTensor):
+        return values.to(param.device, param.dtype)
+    local = values.to(local_block(param).device, param.dtype)
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())

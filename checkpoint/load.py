@@ -16,32 +16,19 @@ from torch import nn
 
 from checkpoint.errors import CheckpointError, agree
 from checkpoint.layout import Box, Shard, buffer_shards, shards
-from checkpoint.optimizer import read_optimizer_state
-from checkpoint.reader import Checkpoint
+from checkpoint.optimizer import read_plain_state
+from checkpoint.reader import Checkpoint, fetch_buffers, fetch_param, stored_names
+from checkpoint.zero import read_zero_state
 from parallel.topology import Topology
 
 
-def fetch_param(ckpt: Checkpoint, shard: Shard) -> torch.Tensor:
-    """A parameter's block, from the fp32 master copy where the checkpoint has one."""
-    for prefix in ("master", "model"):
-        values = ckpt.fetch(f"{prefix}/{shard.name}", shard.box, torch.float32)
-        if values is not None:
-            return values
-    raise CheckpointError(f"checkpoint {ckpt.path} has no tensor model/{shard.name}")
-
-
-def fetch_buffers(ckpt: Checkpoint, buffers: list[Shard]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(buffer, its stored values in its own dtype) for each of `buffers` the checkpoint has."""
-    out = []
-    for s in buffers:
-        values = ckpt.fetch(f"buffer/{s.name}", s.box, s.param.dtype)
-        if values is not None:
-            out.append((s.param, values))
-    return out
-
-
-def stored_names(ckpt: Checkpoint, prefix: str) -> set[str]:
-    return {n.split("/", 1)[1] for n in ckpt.tensors if n.startswith(f"{prefix}/")}
+def read_optimizer_state(stepper, ckpt: Checkpoint, params: list[Shard]) -> list:
+    """Read this rank's optimizer state from `ckpt` (ZeRO's partitions at stages 1 and 2,
+    torch's AdamW state otherwise); returns the closures that install it (nothing is changed
+    before they run)."""
+    if stepper.zero_stage in (1, 2):
+        return read_zero_state(stepper.optimizer, ckpt, params)
+    return read_plain_state(stepper.optimizer, ckpt, params)
 
 
 def check_fit(ckpt: Checkpoint, params: list[Shard], prefix: str = "model", exact: bool = True) -> None:

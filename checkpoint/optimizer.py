@@ -3,7 +3,7 @@
 At zero_stage 0 every rank holds the full state of the parameter blocks it holds; the first
 replica of each block writes it (checkpoint/layout.py), at the block's place in the global
 tensor, so any layout reads it back. At stage 3 the same holds for each FSDP shard, whose
-state is a DTensor sharded like it (checkpoint/fsdp.py). ZeRO's partitions (stages 1 and 2)
+state is a DTensor sharded like it (checkpoint/layout.py). ZeRO's partitions (stages 1 and 2)
 are checkpoint/zero.py. Adam's step count is one number for the whole model.
 """
 
@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from checkpoint.errors import CheckpointError
-from checkpoint.fsdp import like_param
-from checkpoint.layout import Piece, Shard, local_block
+from checkpoint.layout import Piece, Shard, like_param, local_block
 from checkpoint.reader import Checkpoint
 from parallel.topology import Topology
 
@@ -39,27 +38,7 @@ def adam_step_count(step: int, optimizer: torch.optim.Optimizer, param: torch.Te
     return torch.tensor(float(step), device=param.device if fused else "cpu")
 
 
-def optimizer_pieces(stepper, params: list[Shard], topology: Topology) -> tuple[list[Piece], int | None]:
-    """The checkpoint pieces of the optimizer state this rank writes, and Adam's step count
-    (None before the first step). `stepper` is trainer.optim's Stepper."""
-    if stepper.zero_stage in (1, 2):
-        from checkpoint.zero import zero_pieces
-
-        return zero_pieces(stepper.optimizer, params, topology)
-    return _plain_pieces(stepper.optimizer, params, topology)
-
-
-def read_optimizer_state(stepper, ckpt: Checkpoint, params: list[Shard]) -> list:
-    """Read this rank's optimizer state from `ckpt`; returns the closures that install it
-    (nothing is changed before they run)."""
-    if stepper.zero_stage in (1, 2):
-        from checkpoint.zero import read_zero_state
-
-        return read_zero_state(stepper.optimizer, ckpt, params)
-    return _read_plain(stepper.optimizer, ckpt, params)
-
-
-def _plain_pieces(optimizer: torch.optim.Optimizer, params: list[Shard],
+def plain_pieces(optimizer: torch.optim.Optimizer, params: list[Shard],
                   topology: Topology) -> tuple[list[Piece], int | None]:
     """Adam's moments of the parameter blocks this rank writes (the first replica of each),
     and the step count (None before the first step). The state is keyed by the parameter
@@ -75,7 +54,7 @@ def _plain_pieces(optimizer: torch.optim.Optimizer, params: list[Shard],
     return pieces, step
 
 
-def _read_plain(optimizer: torch.optim.Optimizer, ckpt: Checkpoint, params: list[Shard]) -> list:
+def read_plain_state(optimizer: torch.optim.Optimizer, ckpt: Checkpoint, params: list[Shard]) -> list:
     step = ckpt.meta.get("adam_step")
     staged = [(s.param, fetch_moments(ckpt, s)) for s in params] if step is not None else []
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from checkpoint.errors import CheckpointError
-from checkpoint.layout import Box, fill_box
+from checkpoint.layout import Box, Shard, fill_box
 from checkpoint.store import COMMIT, FORMAT, LATEST, MANIFEST, VERSION, committed, sha256_file
 
 
@@ -104,6 +104,29 @@ class Checkpoint:
 
     def full(self, name: str) -> torch.Tensor:
         return self.fetch(name, Box.whole(self.tensors[name]["shape"]))
+
+
+def fetch_param(ckpt: Checkpoint, shard: Shard) -> torch.Tensor:
+    """A parameter's block, from the fp32 master copy where the checkpoint has one."""
+    for prefix in ("master", "model"):
+        values = ckpt.fetch(f"{prefix}/{shard.name}", shard.box, torch.float32)
+        if values is not None:
+            return values
+    raise CheckpointError(f"checkpoint {ckpt.path} has no tensor model/{shard.name}")
+
+
+def fetch_buffers(ckpt: Checkpoint, buffers: list[Shard]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, its stored values in its own dtype) for each of `buffers` the checkpoint has."""
+    out = []
+    for s in buffers:
+        values = ckpt.fetch(f"buffer/{s.name}", s.box, s.param.dtype)
+        if values is not None:
+            out.append((s.param, values))
+    return out
+
+
+def stored_names(ckpt: Checkpoint, prefix: str) -> set[str]:
+    return {n.split("/", 1)[1] for n in ckpt.tensors if n.startswith(f"{prefix}/")}
 
 
 def _check_tiling(path: Path, name: str, info: dict) -> None:

@@ -28,7 +28,8 @@ from checkpoint.errors import (
     write_failure,
 )
 from checkpoint.layout import Piece, Shard, buffer_shards, shards
-from checkpoint.optimizer import optimizer_pieces
+from checkpoint.optimizer import plain_pieces
+from checkpoint.zero import zero_pieces
 from checkpoint.store import FORMAT, VERSION, commit, retain, step_dir_name, write_shard
 from parallel.collectives import all_gather_object
 from parallel.faults import fault_point
@@ -38,6 +39,15 @@ from parallel.topology import Topology
 def model_pieces(params: list[Shard], topology: Topology, prefix: str = "model") -> list[Piece]:
     return [Piece(f"{prefix}/{s.name}", s.global_shape, s.box, (0, s.box.numel), s.block.detach())
             for s in params if s.writes_whole(topology)]
+
+
+def optimizer_pieces(stepper, params: list[Shard], topology: Topology) -> tuple[list[Piece], int | None]:
+    """The checkpoint pieces of the optimizer state this rank writes, and Adam's step count
+    (None before the first step). `stepper` is trainer.optim's Stepper: ZeRO's partitions at
+    stages 1 and 2, torch's AdamW state (DTensors at stage 3) otherwise."""
+    if stepper.zero_stage in (1, 2):
+        return zero_pieces(stepper.optimizer, params, topology)
+    return plain_pieces(stepper.optimizer, params, topology)
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -22,9 +22,8 @@ import torch
 import torch.distributed as dist
 
 from checkpoint.layout import Piece, Shard
-from checkpoint.load import fetch_param
 from checkpoint.optimizer import MOMENTS, adam_step_count, fetch_moments
-from checkpoint.reader import Checkpoint
+from checkpoint.reader import Checkpoint, fetch_param
 from parallel.topology import Topology
 
 

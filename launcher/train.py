@@ -57,6 +57,7 @@ from parallel.fsdp import apply_fully_shard, mixed_precision
 from parallel.tensor_parallel import apply_tensor_parallel
 from parallel.topology import Layout, Topology
 from planner.hook import describe as describe_plan
+from planner.hook import run_plan
 from trainer.data import Corpus, RankData, load_corpus, rank_data
 from trainer.loop import Trainer
 from trainer.optim import compute_dtype
@@ -207,6 +208,7 @@ def run(argv: list[str]) -> dict:
             recompute = (f", recompute {job.train.recompute} in backward"
                          if job.train.recompute != "none" else "")
             print(f"device: {device}, compute {trainer.precision_label()}{compiled}{recompute}")
+            trainer.plan = run_plan(job, topology.layout.world_size, device.type)
             print(describe_plan(trainer.plan), flush=True)
         if ckpt is not None:
             trainer.resume(ckpt)

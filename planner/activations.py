@@ -24,45 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.shapes import Shapes
-
-INT64, FP32 = 8, 4
-
-
-@dataclass(frozen=True)
-class Saved:
-    what: str
-    nbytes: float
-
-
-def _sum(items: list[Saved]) -> float:
-    return sum(i.nbytes for i in items)
-
-
-def rms_norm(s: Shapes, rows: float, width: int, in_bytes: int, what: str) -> list[Saved]:
-    """model.layers.rms_norm of `rows` x `width` elements of `in_bytes` each."""
-    if s.device == "cuda":
-        return [Saved(f"{what}: input", rows * width * in_bytes),
-                Saved(f"{what}: 1/rms (fp32)", rows * FP32)]
-    # The CPU composite computes in fp32: it keeps the fp32 upcast of the input (the input
-    # itself when fp32), 1/rms and the normalised input before the gain, both fp32.
-    return [Saved(f"{what}: input (fp32)", rows * width * FP32),
-            Saved(f"{what}: 1/rms (fp32)", rows * FP32),
-            Saved(f"{what}: normalised input (fp32)", rows * width * FP32)]
-
-
-def linear_inputs(s: Shapes, rows: float, width: int, weights: list[int], what: str,
-                  in_bytes: int) -> list[Saved]:
-    """What the linears reading one `rows` x `width` input keep of it. Their input is counted
-    once, unless autocast makes a bf16 copy for each of them (an fp32 input), with a bf16 copy of
-    each weight (`weights`: their element counts)."""
-    if s.precision.autocast and in_bytes == FP32:
-        return ([Saved(f"{what}: bf16 copy of the input, linear {i + 1}", rows * width * 2)
-                 for i in range(len(weights))]
-                + [Saved(f"{what}: bf16 copy of weight {i + 1}", n * 2) for i, n in enumerate(weights)])
-    copies = [Saved(f"{what}: bf16 weight copy {i + 1}", n * 2) for i, n in enumerate(weights)
-              ] if s.precision.autocast else []
-    return [Saved(f"{what}: input", rows * width * in_bytes)] + copies
+from planner.moe_activations import moe_layer
+from planner.saved import Saved, linear_inputs, rms_norm, sum_bytes, swiglu
+from planner.shapes import FP32, INT64, Shapes
 
 
 def attention(s: Shapes) -> list[Saved]:
@@ -102,20 +66,6 @@ def _qk_norm(s: Shapes, name: str, width: int, heads: int) -> list[Saved]:
             Saved(f"{what}: normalised input", T * width * p.compute)]
 
 
-def swiglu(s: Shapes, hidden: int, what: str, in_shared_with: str | None) -> list[Saved]:
-    """A dense SwiGLU (model.layers.SwiGLU) on this rank's `hidden` units: its input (unless
-    `in_shared_with` keeps it already), w1's output, silu's output, w3's output, w2's input."""
-    p, T, D = s.precision, s.tokens, s.job.model.dim
-    kept = linear_inputs(s, T, D, [D * hidden, D * hidden], f"{what} w1/w3", p.residual)
-    if in_shared_with is not None and not p.autocast:
-        kept = []  # the same storage as the router's input
-    kept += [Saved(f"{what}: {n}", T * hidden * p.compute)
-             for n in ("w1 output (silu's input)", "silu output", "w3 output", "w2 input")]
-    if p.autocast:
-        kept.append(Saved(f"{what}: w2 bf16 weight copy", hidden * D * 2))
-    return kept
-
-
 def dense_ffn(s: Shapes) -> list[Saved]:
     m = s.job.model
     return (rms_norm(s, s.tokens, m.dim, s.precision.residual, "ffn norm")
@@ -124,8 +74,6 @@ def dense_ffn(s: Shapes) -> list[Saved]:
 
 def moe_ffn(s: Shapes) -> list[Saved]:
     """The native MoE layer: router, dispatch, experts, combine, shared expert."""
-    from planner.moe_activations import moe_layer  # the MoE inventory lives in its own file
-
     return rms_norm(s, s.tokens, s.job.model.dim, s.precision.residual, "ffn norm") + moe_layer(s)
 
 
@@ -172,10 +120,10 @@ def activations(s: Shapes) -> Activations:
         transient = 0.0
     elif mode == "ffn":
         kept = {"dense": attn + block_in, "moe": attn + block_in}
-        transient = max(_sum(dense), _sum(moe) if s.moe_blocks else 0.0)
+        transient = max(sum_bytes(dense), sum_bytes(moe) if s.moe_blocks else 0.0)
     else:
         kept = {"dense": block_in, "moe": block_in}
-        transient = max(_sum(attn + dense), _sum(attn + moe) if s.moe_blocks else 0.0)
+        transient = max(sum_bytes(attn + dense), sum_bytes(attn + moe) if s.moe_blocks else 0.0)
     ends = model_ends(s)
-    return Activations(_sum(kept["dense"]), _sum(kept["moe"]), _sum(ends), transient,
+    return Activations(sum_bytes(kept["dense"]), sum_bytes(kept["moe"]), sum_bytes(ends), transient,
                        {"dense block": kept["dense"], "MoE block": kept["moe"], "ends": ends})

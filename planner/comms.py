@@ -23,29 +23,9 @@ Who calls what (read in the code; tests/distributed/test_planner.py counts them)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from planner.shapes import Shapes
-
-INT64, FP32 = 8, 4
-
-
-@dataclass(frozen=True)
-class Collective:
-    op: str
-    """all_reduce, all_gather, all_to_all, reduce_scatter."""
-    group: str
-    """dp, tp, ep, edp or world."""
-    nbytes: float
-    count: int
-    what: str
-    via: str = "ours"
-    """ours (parallel/collectives.py), DeepSpeed or FSDP2."""
-
-    @property
-    def total(self) -> float:
-        return self.nbytes * self.count
-
+from planner.collective import Collective
+from planner.shapes import FP32, INT64, Shapes
+from planner.zero_comms import gradient_collectives
 
 def moe_collectives(s: Shapes) -> list[Collective]:
     lay, moe, c = s.layout, s.moe, s.precision.compute
@@ -95,8 +75,6 @@ def tp_collectives(s: Shapes) -> list[Collective]:
 
 
 def step_collectives(s: Shapes) -> list[Collective]:
-    from planner.zero_comms import gradient_collectives
-
     out = gradient_collectives(s)
     out.append(Collective("all_reduce", "world", 3 * INT64, 1, "finite check and stop flag"))
     if s.moe.bias_update_rate and s.moe_blocks:

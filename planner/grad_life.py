@@ -22,11 +22,8 @@ from dataclasses import dataclass, field
 
 from planner.model_states import ModelStates
 from planner.params import Param
-from planner.shapes import Shapes
+from planner.shapes import FP32, Shapes
 from planner.sharding import expert_shard_dim, fsdp_shard, fsdp_unit, reduce_bucket
-
-FP32 = 4
-
 
 @dataclass(frozen=True)
 class GradientLife:

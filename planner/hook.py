@@ -1,4 +1,4 @@
-"""The plan of the run the trainer is about to do: printed at start, kept in summary.json.
+"""The plan of the run the launcher is about to train: printed at start, kept in summary.json.
 
 The trainer's own layout, device and precision; balanced routing (imbalance 1) and the
 hardware preset (peak memory is compared, not step time, unless the GPU is one the presets
@@ -46,14 +46,3 @@ def describe(plan: dict) -> str:
             f"{_size(plan['activations_bytes'])}; modelled peak {_size(plan['peak_memory_bytes'])} "
             f"({plan['peak_phase']}); {plan['collectives_per_step']} collectives, "
             f"{_size(plan['collective_bytes_per_step'])} per step")
-
-
-def beside_measured(plan: dict, measured_peak: int, kind: str) -> dict:
-    """summary.json's comparison: the predicted peak beside the measured one. On CPU the
-    measured figure is the process's resident set (interpreter and libraries included), so
-    the ratio only means something on CUDA."""
-    if "unavailable" in plan:
-        return plan
-    return plan | {"measured_peak_memory_bytes": measured_peak, "measured_kind": kind,
-                   "measured_over_predicted": measured_peak / plan["peak_memory_bytes"]
-                   if kind == "cuda_max_allocated" else None}

@@ -22,13 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.params import Param, parameters
-from planner.shapes import Shapes
+from planner.shapes import FP32, Shapes
 from planner.sharding import FlatGroup, deepspeed_groups, expert_shard_dim, fsdp_shard
 
 ADAM_MOMENTS = 2
-FP32 = 4
-
-
 @dataclass(frozen=True)
 class ModelStates:
     params: int

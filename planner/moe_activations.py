@@ -17,8 +17,8 @@ combine keeps the same bytes (its docstring).
 
 from __future__ import annotations
 
-from planner.activations import FP32, INT64, Saved, linear_inputs, swiglu
-from planner.shapes import Shapes
+from planner.saved import Saved, linear_inputs, swiglu
+from planner.shapes import FP32, INT64, Shapes
 
 
 def router(s: Shapes) -> list[Saved]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.comms import Collective, per_log, per_step
+from planner.collective import Collective
+from planner.comms import per_log, per_step
 from planner.hardware import Hardware, hardware
 from planner.memory import MemoryPlan, memory_plan
 from planner.model_states import ADAM_MOMENTS, FP32

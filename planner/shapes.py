@@ -23,6 +23,7 @@ from model.errors import ConfigError
 from parallel.topology import Layout
 from trainer.config import DataConfig
 
+INT64, FP32 = 8, 4  # bytes of the int64 and fp32 elements the planner counts
 DEVICES = ("cuda", "cpu")
 
 

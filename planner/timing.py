@@ -22,7 +22,7 @@ import functools
 from dataclasses import dataclass
 
 from model.flops import model_cost
-from planner.comms import Collective
+from planner.collective import Collective
 from planner.hardware import Hardware
 from parallel.topology import Layout
 from planner.shapes import Shapes

@@ -25,9 +25,9 @@
 
 from __future__ import annotations
 
-from planner.comms import FP32, Collective
+from planner.collective import Collective
 from planner.params import Param, parameters
-from planner.shapes import Shapes
+from planner.shapes import FP32, Shapes
 from planner.sharding import deepspeed_groups, reduce_bucket
 
 

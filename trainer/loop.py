@@ -28,7 +28,6 @@ from checkpoint.save import save_checkpoint
 from parallel.collectives import all_reduce
 from parallel.faults import fault_point
 from parallel.topology import Topology
-from planner.hook import beside_measured, run_plan
 from trainer.data import RankData
 from trainer.heatmap import write_load_heatmap
 from trainer.metrics import (
@@ -96,8 +95,9 @@ class Trainer:
         self.samples_per_micro = topology.size("dp") * self.cfg.micro_batch_size
         self.cost = model_cost(job.model, job.moe, self.cfg.seq_len)
         self.peak_flops = peak_flops(device, job.logging.peak_tflops)
-        # moe-plan's figures for this run (planner/hook.py): printed at start, kept in summary.json.
-        self.plan = run_plan(job, topology.layout.world_size, device.type) if self.is_main else {}
+        # moe-plan's figures for this run, on rank 0 (the launcher sets them: planner/hook.py);
+        # summary.json keeps them beside the measured peak.
+        self.plan: dict = {}
         # Data position: global samples seen at step `origin_step` (both 0 unless resumed).
         self.origin_step, self.origin_samples = 0, 0
         self.resumed_from: Path | None = None
@@ -238,7 +238,7 @@ class Trainer:
                 "peak_tflops_per_device": self.peak_flops / 1e12 if self.peak_flops else None,
                 "mfu": self.mfu(tokens_per_s) if self.peak_flops and tokens_per_s else None,
                 "peak_memory_bytes": int(peak.item()), "peak_memory_kind": kind,
-                "plan": beside_measured(self.plan, int(peak.item()), kind) if self.is_main else None}
+                "plan": _beside_measured(self.plan, int(peak.item()), kind) if self.plan else None}
 
     @property
     def samples_seen(self) -> int:
@@ -368,6 +368,17 @@ class Trainer:
             raise kind(f"stopped on {stopped}; checkpoint of step {self.last_saved_step} saved "
                        f"({summary.get('save_s', 0.0):.1f} s)")
         return summary
+
+
+def _beside_measured(plan: dict, measured_peak: int, kind: str) -> dict:
+    """The predicted peak beside the measured one. On CPU the measured figure is the process's
+    resident set (interpreter and libraries included), so the ratio only means something on
+    CUDA."""
+    if "unavailable" in plan:
+        return plan
+    return plan | {"measured_peak_memory_bytes": measured_peak, "measured_kind": kind,
+                   "measured_over_predicted": measured_peak / plan["peak_memory_bytes"]
+                   if kind == "cuda_max_allocated" else None}
 
 
 def write_summary(path: Path, summary: dict) -> None:

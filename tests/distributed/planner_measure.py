@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.saved_tensors import saved_tensor_bytes
 from parallel.collectives import count_collectives
+from planner.hook import run_plan
 from tests.distributed.ckpt_setup import make_trainer
 from tests.distributed.dist_counter import DistCounter
 from trainer.loop import _Window
@@ -92,6 +93,6 @@ def measure_step(rank: int, run_dir: str, layout: str, extra: tuple[str, ...]) -
     for h in hooks:
         h.remove()
     master = getattr(stepper.optimizer, "single_partition_of_fp32_groups", [])
-    return out | {"trainer_plan": trainer.plan, "params": storage_bytes(model.parameters()),
+    return out | {"trainer_plan": run_plan(trainer.job, trainer.topology.layout.world_size, "cpu"), "params": storage_bytes(model.parameters()),
                   "optimizer": storage_bytes(_moments(stepper.optimizer)),
                   "master": storage_bytes(master), "ours": list(ours), "all": every.calls}

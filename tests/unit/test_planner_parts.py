@@ -7,7 +7,7 @@ import pytest
 
 from launcher.config import load_config
 from model.errors import ConfigError
-from planner.comms import Collective
+from planner.collective import Collective
 from planner.hardware import hardware, parse_bytes
 from planner.model_states import model_states
 from planner.params import Param
