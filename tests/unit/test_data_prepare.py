@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -15,10 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from launcher import exit_codes
 from model.errors import ConfigError
 from tests.unit.data_setup import documents, files_state, run_prepare, split_ids, text_corpus
 from trainer.data import documents as documents_module
-from trainer.data import worker
+from trainer.data import prepare, worker
 from trainer.data.split import is_held_out
 from trainer.data.tokenizer import load_tokenizer
 
@@ -259,3 +262,47 @@ def test_console_script_points_at_main():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, name = scripts["moe-prepare-data"].partition(":")
     assert (module, name) == ("trainer.data.prepare", "main")
+
+
+_HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, b"host here, pid %d" % os.getpid())
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_job_on_one_output_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path, capsys,
+                                                                                 monkeypatch):
+    """While another process holds the output's lock, a job exits 7 naming it and changes
+    nothing there (not the plan, not the temporary files of a unit in progress, which a second
+    job would otherwise remove); once the holder is killed (it never unlocks), the same
+    command finishes the dataset."""
+    assert prepare.BUSY_EXIT == exit_codes.RUN_DIR_BUSY
+    text_corpus(tmp_path / "in", 5)
+    out = tmp_path / "out"
+    argv = ["--input", str(tmp_path / "in"), "--output", str(out), "--workers", "0", "--no-progress"]
+
+    def in_progress(job, tok, index, unit, report=None):
+        (Path(job.out) / f"train-{index:05d}.bin.tmp-1").write_bytes(b"being written")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # a job's state half-way through its first unit
+        patch.setattr(worker, "process_unit", in_progress)
+        with pytest.raises(KeyboardInterrupt):
+            prepare.main(argv)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out / prepare.LOCK_FILE)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = files_state(out)
+        assert prepare.main(argv) == exit_codes.RUN_DIR_BUSY
+        assert f"is being written by another moe-prepare-data (host here, pid {holder.pid})" in capsys.readouterr().err
+        assert files_state(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert prepare.main(argv) == 0
+    assert (out / "meta.json").is_file() and not list(out.glob("*.tmp-*"))

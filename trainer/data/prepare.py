@@ -7,19 +7,25 @@ Inputs (text files, folders, globs; jsonl with a named field; parquet with a nam
 are planned into units of about --unit-bytes, which a pool of processes (one per core)
 tokenizes into sharded token files (see trainer/data/shards.py for the layout). A killed run
 started again with the same command finishes the units that are missing and redoes nothing
-else; an output directory that holds anything else is refused, never written to.
+else; an output directory that holds anything else is refused, never written to. One job at a
+time writes an output directory: it holds `.lock` (flock) throughout, and a second job is
+refused (exit status 7, as the trainer's run-dir lock) without touching the first one's files.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import multiprocessing as mp
 import os
 import shutil
+import socket
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +41,12 @@ from trainer.data.split import is_held_out
 from trainer.data.tokenizer import BYTES, TOKENIZER_FILE, Tokenizer, TokenizerInfo, load_tokenizer, train_bpe
 
 DEFAULT_UNIT_BYTES = 16 << 20
+LOCK_FILE = ".lock"
+BUSY_EXIT = 7  # launcher/exit_codes.RUN_DIR_BUSY (tests hold them equal); trainer/ never imports launcher/
+
+
+class OutputBusy(Exception):
+    """Another moe-prepare-data is writing the output directory."""
 
 
 def _request(files: list[InputFile], tokenizer: dict, field: str, holdout: float, unit_bytes: int) -> dict:
@@ -57,24 +69,71 @@ def _difference(saved: dict, ours: dict) -> str:
     return "it was prepared by another version"
 
 
-def _claim(out: Path, request: dict) -> dict | None:
-    """Make `out` ours: new or empty, or a run of this same request (returns its meta.json
-    when that run finished). Anything else is refused and left as it is."""
+def _existing(out: Path, request: dict) -> dict | None:
+    """Refuse `out` unless it is new or empty, or holds a run of this same request (returns its
+    meta.json when that run finished). Reads only, so a refused directory is left as it is."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {out} is a file, not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / PLAN).is_file():
-            names = sorted(p.name for p in out.iterdir())
-            raise ConfigError(f"--output {out} is not empty ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) "
-                              "and holds no dataset of moe-prepare-data: choose a new or empty directory")
-        saved = json.loads((out / PLAN).read_text())
-        if saved.get("request") != request:
-            raise ConfigError(f"--output {out} holds another dataset ({_difference(saved.get('request', {}), request)}); "
-                              "nothing was changed there: choose another --output, or delete it to prepare anew")
-        return json.loads((out / META).read_text()) if (out / META).is_file() else None
+    names = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
+    if not names:
+        return None
+    if PLAN not in names:
+        raise ConfigError(f"--output {out} is not empty ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}) "
+                          "and holds no dataset of moe-prepare-data: choose a new or empty directory")
+    saved = json.loads((out / PLAN).read_text())
+    if saved.get("request") != request:
+        raise ConfigError(f"--output {out} holds another dataset ({_difference(saved.get('request', {}), request)}); "
+                          "nothing was changed there: choose another --output, or delete it to prepare anew")
+    return json.loads((out / META).read_text()) if (out / META).is_file() else None
+
+
+def _busy(fd: int, out: Path) -> OutputBusy:
+    holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "holder unknown"
+    return OutputBusy(f"--output {out} is being written by another moe-prepare-data ({holder}); "
+                      "nothing was changed there: wait for it to end, or choose another --output")
+
+
+def _refuse_if_busy(out: Path) -> None:
+    """A job holding the lock is named before the directory is judged: what it is writing is
+    not a dataset yet. Creates nothing."""
+    try:
+        fd = os.open(out / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file, or no directory
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(fd, out) from None
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold `out/.lock` while preparing: two jobs on one output would remove each other's
+    files in progress. flock is released by the kernel when its holder dies, so a killed job
+    leaves no stale lock; the file stays (unlinking a lock file lets two holders in)."""
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / PLAN, {"format": FORMAT, "version": VERSION, "request": request})
-    return None
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _busy(fd, out) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _claim(out: Path, request: dict) -> dict | None:
+    """Under the lock: `_existing` again (another job may have written since), and the plan
+    written for a new dataset."""
+    meta = _existing(out, request)
+    if meta is None and not (out / PLAN).is_file():
+        write_json(out / PLAN, {"format": FORMAT, "version": VERSION, "request": request})
+    return meta
 
 
 def _tokenizer(args, given: Tokenizer | None, files: list[InputFile], out: Path) -> tuple[str, str | None]:
@@ -174,6 +233,13 @@ def prepare(args: argparse.Namespace) -> dict:
     tok_request = ({"train": args.train_tokenizer, "vocab_size": args.vocab_size} if given is None
                    else given.info.to_json())
     request = _request(files, tok_request, args.field, args.holdout_fraction, args.unit_bytes)
+    _refuse_if_busy(out)
+    _existing(out, request)
+    with _locked(out):
+        return _prepare_locked(args, files, out, given, request)
+
+
+def _prepare_locked(args, files: list[InputFile], out: Path, given: Tokenizer | None, request: dict) -> dict:
     meta = _claim(out, request)
     if meta is not None:
         return meta | {"units_resumed": len(meta["shards"])}
@@ -247,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"moe-prepare-data: error: {exc}", file=sys.stderr)
         return 2
+    except OutputBusy as exc:
+        print(f"moe-prepare-data: output in use: {exc}", file=sys.stderr)
+        return BUSY_EXIT
     tr, va = meta["train"], meta["val"]
     print(f"{args.output}: {tr['documents']:,} documents, {tr['tokens']:,} tokens ({meta['dtype']}) for training; "
           f"{va['documents']:,} documents, {va['tokens']:,} tokens held out; {meta['empty_documents']} empty "
