@@ -32,8 +32,11 @@ from tests.distributed.launch import ROOT, SMALL, TINY
 from tests.slurm.cluster import Cluster, missing
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
-# 2 ranks (dp 2 x ep 2): on CI's 2 cores four would mostly measure process start-up.
-JOB = ["--config", TINY, *SMALL, "--parallel.dp=2", "--parallel.ep=2", "--train.steps=20", "--train.eval_interval=5",
+# 2 ranks (dp 2 x ep 2): on CI's 2 cores four would mostly measure process start-up. The first
+# eval (step 2) is when a preemption test signals; the 38 steps after it keep the job running
+# until the signal lands (with 15 a job once ended first, and was not requeued).
+STEPS = 40
+JOB = ["--config", TINY, *SMALL, "--parallel.dp=2", "--parallel.ep=2", f"--train.steps={STEPS}", "--train.eval_interval=2",
        "--logging.log_interval=1", "--logging.progress=false", "--logging.tensorboard=false"]
 
 
@@ -115,7 +118,7 @@ def test_sbatch_template_runs_and_checkpoints(uninterrupted):
     state, run_dir, output = uninterrupted
     assert state["JobState"] == "COMPLETED", output[-3000:]
     assert "launch: slurm" in output
-    assert committed(run_dir / "checkpoints")[0].name == "step_00000020"
+    assert committed(run_dir / "checkpoints")[0].name == f"step_{STEPS:08d}"
 
 
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(cluster, uninterrupted, tmp_path):
@@ -131,7 +134,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_loss(cluster, uninter
     assert "preempted: stopped on SIGUSR1" in output and "resumed from" in output
     summary = json.loads((run_dir / "summary.json").read_text())
     reference = json.loads((uninterrupted[1] / "summary.json").read_text())
-    assert summary["steps"] == 20
+    assert summary["steps"] == STEPS
     assert summary["final_eval_loss"] == reference["final_eval_loss"]
     # Every step logged (log_interval 1): the resumed attempt's losses are the reference's.
     losses = {h["step"]: h["loss"] for h in reference["train"]}
@@ -200,5 +203,5 @@ def test_sweep_waits_for_a_preempted_point_through_its_requeue(cluster, tmp_path
         rows = list(csv.DictReader(f))
     assert [(r["world"], r["status"]) for r in rows] == [("2", "ok")], printed
     summary = json.loads((out / "strong_1x2" / "summary.json").read_text())
-    assert summary["steps"] == 20 and "stopped" not in summary
+    assert summary["steps"] == STEPS and "stopped" not in summary
     assert int(cluster.job_state(job).get("Restarts", 0)) >= 1
