@@ -12,7 +12,6 @@ directory before any collective, and what is wrong with it is the same error eve
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from checkpoint.errors import CheckpointError
+from checkpoint.store import sha256_file
 from model.errors import ConfigError
 
 CONFIG = "config.json"
@@ -87,13 +87,7 @@ class HFDir:
 def tokenizer_sha256(path: str | Path) -> str | None:
     """sha256 of DIR/tokenizer.json, the identity prepared datasets record; None without one."""
     file = Path(path) / "tokenizer.json"
-    if not file.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(file) if file.is_file() else None
 
 
 def is_hf_dir(path: str | Path) -> bool:

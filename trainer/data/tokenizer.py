@@ -79,6 +79,8 @@ class Tokenizer:
 
 
 def file_sha256(path: Path) -> str:
+    """checkpoint.store.sha256_file, without its torch import: moe-prepare-data's workers load
+    this module, and a worker that imports torch pays seconds of start-up for nothing."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
